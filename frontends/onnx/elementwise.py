@@ -1,0 +1,127 @@
+"""Converters of ONNX's elementwise operators."""
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.frontends.onnx.context import ConvertContext, OnnxNode
+from lowbit.frontends.onnx.dtypes import element_type
+from lowbit.frontends.onnx.registry import converter
+from lowbit.ir import Value
+
+_BINARY = {
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Equal": "equal", "Less": "less",
+    "Greater": "greater", "LessOrEqual": "less_equal", "GreaterOrEqual": "greater_equal",
+    "And": "logical_and", "Or": "logical_or", "Xor": "logical_xor",
+}
+_UNARY = {
+    "Neg": "neg", "Abs": "abs", "Relu": "relu", "Sign": "sign", "Sqrt": "sqrt", "Exp": "exp", "Log": "log",
+    "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Reciprocal": "reciprocal", "Floor": "floor",
+    "Ceil": "ceil", "Round": "round", "Softplus": "softplus", "Not": "logical_not", "HardSwish": "hard_swish",
+    "Sin": "sin", "Cos": "cos",
+}
+
+
+@converter(*_BINARY)
+def binary(ctx: ConvertContext, node: OnnxNode) -> Value:
+    if node.op_type in ("Add", "Sub", "Mul", "Div") and node.opset < 7 and node.attr("broadcast"):
+        raise ctx.unsupported("legacy 'broadcast' attribute of opset < 7")
+    return ctx.emit(_BINARY[node.op_type], node.inputs[:2])
+
+
+@converter(*_UNARY)
+def unary(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return ctx.emit(_UNARY[node.op_type], node.inputs[:1])
+
+
+@converter("Pow")
+def pow_(ctx: ConvertContext, node: OnnxNode) -> Value:
+    base, exponent = node.inputs[:2]
+    if exponent.type.dtype != base.type.dtype:
+        exponent = ctx.emit("cast", [exponent], {"to": base.type.dtype}, ".exponent")
+    return ctx.emit("pow", [base, exponent])
+
+
+@converter("LeakyRelu")
+def leaky_relu(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return ctx.emit("leaky_relu", node.inputs[:1], {"alpha": node.attr("alpha", 0.01)})
+
+
+@converter("Elu")
+def elu(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return ctx.emit("elu", node.inputs[:1], {"alpha": node.attr("alpha", 1.0)})
+
+
+@converter("HardSigmoid")
+def hard_sigmoid(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return ctx.emit("hard_sigmoid", node.inputs[:1],
+                    {"alpha": node.attr("alpha", 0.2), "beta": node.attr("beta", 0.5)})
+
+
+@converter("Gelu")
+def gelu(ctx: ConvertContext, node: OnnxNode) -> Value:
+    approximate = node.attr("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise ctx.unsupported(f"approximate='{approximate}'")
+    return ctx.emit("gelu", node.inputs[:1], {"approximate": approximate})
+
+
+@converter("Clip")
+def clip(ctx: ConvertContext, node: OnnxNode) -> Value:
+    if node.opset < 11:
+        low, high = node.attr("min", float("-inf")), node.attr("max", float("inf"))
+    else:
+        low_value, high_value = node.input(1), node.input(2)
+        low = float(ctx.const_data(low_value, "Clip's min")) if low_value is not None else float("-inf")
+        high = float(ctx.const_data(high_value, "Clip's max")) if high_value is not None else float("inf")
+    return ctx.emit("clip", node.inputs[:1], {"min": low, "max": high})
+
+
+@converter("Where")
+def where(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return ctx.emit("where", node.inputs[:3])
+
+
+@converter("Cast")
+def cast(ctx: ConvertContext, node: OnnxNode) -> Value:
+    target = element_type(node.attr("to"), node.describe())
+    if node.inputs[0].type.dtype is target:
+        return node.inputs[0]
+    return ctx.emit("cast", node.inputs[:1], {"to": target})
+
+
+@converter("CastLike")
+def cast_like(ctx: ConvertContext, node: OnnxNode) -> Value:
+    target = node.inputs[1].type.dtype
+    if node.inputs[0].type.dtype is target:
+        return node.inputs[0]
+    return ctx.emit("cast", node.inputs[:1], {"to": target})
+
+
+@converter("Identity")
+def identity(ctx: ConvertContext, node: OnnxNode) -> Value:
+    return node.inputs[0]
+
+
+@converter("Dropout")
+def dropout(ctx: ConvertContext, node: OnnxNode) -> list[Value]:
+    """Inference semantics: the input passes through; the optional mask is all true."""
+    if node.opset >= 12 and node.input(2) is not None and bool(ctx.const_data(node.input(2), "training_mode")):
+        raise ctx.unsupported("training_mode=True (lowbit compiles inference graphs)")
+    x = node.inputs[0]
+    results = [x]
+    if node.num_outputs > 1:
+        results.append(ctx.constant(np.ones(x.type.shape, dtype=bool), name=f"{node.name}.mask"))
+    return results
+
+
+@converter("Sum", "Max", "Min", "Mean")
+def variadic(ctx: ConvertContext, node: OnnxNode) -> Value:
+    op = {"Sum": "add", "Mean": "add", "Max": "maximum", "Min": "minimum"}[node.op_type]
+    operands = [v for v in node.inputs if v is not None]
+    result = operands[0]
+    for index, operand in enumerate(operands[1:]):
+        result = ctx.emit(op, [result, operand], name_suffix=f".{index}" if len(operands) > 2 else "")
+    if node.op_type == "Mean" and len(operands) > 1:
+        count = ctx.constant(np.asarray(len(operands), dtype=result.type.dtype.numpy), name=f"{node.name}.count")
+        result = ctx.emit("div", [result, count], name_suffix=".mean")
+    return result

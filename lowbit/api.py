@@ -1,0 +1,46 @@
+"""The public API: the functions a user of lowbit calls."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from lowbit.backends.reference import evaluate_node
+from lowbit.backends.reference import run_reference as _run_reference
+from lowbit.errors import ModelFormatError
+from lowbit.frontends.onnx import import_model
+from lowbit.ir import Graph, load, verify
+
+
+def import_onnx(model, *, batch_size: int | None = None, dims: Mapping[str, int] | None = None,
+                constant_inputs: Mapping[str, np.ndarray] | None = None) -> Graph:
+    """Import an ONNX model (path, bytes or `onnx.ModelProto`) into a verified lowbit graph.
+
+    Shapes become static: a symbolic or unknown first dimension of an input is the batch, bound to
+    `batch_size` (default 1, recorded in `graph.metadata`); other symbolic dimensions are bound by
+    `dims`. Subgraphs that compute shapes are folded into constants by the reference interpreter.
+    """
+    graph = import_model(model, batch_size=batch_size, dims=dims, constant_inputs=constant_inputs,
+                         fold=evaluate_node)
+    verify(graph)
+    return graph
+
+
+def load_graph(source, *, batch_size: int | None = None, dims: Mapping[str, int] | None = None) -> Graph:
+    """A graph from a `.lbir` text file, an ONNX file, or a graph given as is."""
+    if isinstance(source, Graph):
+        return source
+    path = Path(source)
+    if path.suffix == ".lbir":
+        graph = load(path)
+        verify(graph)
+        return graph
+    if not path.exists():
+        raise ModelFormatError(f"model file '{path}' does not exist")
+    return import_onnx(path, batch_size=batch_size, dims=dims)
+
+
+def run_reference(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `graph` with the reference interpreter; feeds and results are keyed by the model's names."""
+    return _run_reference(graph, feeds)
