@@ -112,12 +112,11 @@ class Graph:
     def add_constant(self, data: np.ndarray, name: str | None = None,
                      type: TensorType | None = None) -> Value:
         """A new constant holding `data` (copied to an owned contiguous array)."""
-        array = np.ascontiguousarray(data)
+        array = np.array(data, order="C")
         if type is None:
             type = TensorType.of(array)
         elif tuple(array.shape) != type.shape or array.dtype != type.dtype.numpy:
             raise ShapeError(f"constant '{name}': data {array.dtype}{list(array.shape)} does not match {type}")
-        array = array.copy()
         array.flags.writeable = False
         value = Value(type, name, data=array)
         self.constants.append(value)

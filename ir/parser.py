@@ -46,8 +46,10 @@ class _Tokens:
         column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
         return ParseError(f"line {line}, column {column}: {message}")
 
-    def error(self, message: str) -> ParseError:
-        pos = self.items[self.index][2] if self.index < len(self.items) else len(self.text)
+    def error(self, message: str, *, previous: bool = False) -> ParseError:
+        """An error at the next token, or at the one just consumed with `previous=True`."""
+        index = self.index - 1 if previous else self.index
+        pos = self.items[index][2] if index < len(self.items) else len(self.text)
         return self._error(pos, message)
 
     def peek(self, offset: int = 0) -> tuple[str, str]:
@@ -197,11 +199,13 @@ def parse(text: str) -> Graph:
     def lookup(token: str) -> Value:
         table, name = (constants if token.startswith("@") else values), _sigil_name(token)
         if name not in table:
-            raise tokens.error(f"'{token}' is used before it is defined")
+            raise tokens.error(f"'{token}' is used before it is defined", previous=True)
         return table[name]
 
     while not tokens.accept("}"):
         kind, text = tokens.peek()
+        if kind == "eof":
+            raise tokens.error("unexpected end of text: the graph's closing '}' is missing")
         try:
             if text == "meta" and kind == "ident":
                 tokens.next()

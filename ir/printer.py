@@ -81,7 +81,9 @@ def format_constant_data(value: Value, full: bool) -> str:
     data = value.data
     if isinstance(data, ElidedData):
         return f"elided<{json.dumps(data.summary)}>"
-    if data.size <= INLINE_LIMIT:
+    # NaN payloads and signs have no decimal form, so the full form keeps such data as bytes.
+    exact_in_decimal = not (full and data.dtype.kind == "f" and np.isnan(data).any())
+    if data.size <= INLINE_LIMIT and exact_in_decimal:
         return f"dense<{format_dense(data, value.type.dtype)}>"
     if full:
         raw = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -46,6 +46,9 @@ class QuantParams:
     signed: bool = True
 
     def __post_init__(self) -> None:
+        # Scales are float32 values everywhere (kernels and the ONNX format use float32).
+        object.__setattr__(self, "scale", tuple(float(s) for s in np.asarray(self.scale, np.float32).reshape(-1)))
+        object.__setattr__(self, "zero_point", tuple(int(z) for z in np.asarray(self.zero_point).reshape(-1)))
         if len(self.scale) != len(self.zero_point):
             raise ShapeError(
                 f"quantization parameters need as many zero points ({len(self.zero_point)}) "

@@ -35,7 +35,8 @@ def evaluate_node(node: Node, operands: list[np.ndarray | None]) -> list[np.ndar
         if tuple(array.shape) != value.type.shape:
             raise VerificationError(f"{node.describe()}: reference result has shape {list(array.shape)}, "
                                     f"its type says {value.type}")
-        checked.append(np.ascontiguousarray(array, dtype=value.type.dtype.numpy))
+        array = np.asarray(array, dtype=value.type.dtype.numpy)
+        checked.append(array if array.flags.c_contiguous else array.copy(order="C"))
     return checked
 
 

@@ -35,8 +35,29 @@ register_op("logical_not", ("x",), traits=PURE, doc="Logical negation of a bool 
 for _name in ("neg", "abs", "relu", "sign"):
     register_op(_name, ("x",), traits=PURE, doc=f"`{_name}` of a numeric tensor.")(unary_same)
 for _name in ("sqrt", "exp", "log", "sigmoid", "tanh", "erf", "reciprocal", "floor", "ceil", "round", "softplus",
-              "sin", "cos"):
+              "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh"):
     register_op(_name, ("x",), traits=PURE, doc=f"`{_name}` of a float tensor.")(unary_float)
+register_op("prelu", ("x", "slope"), traits=PURE,
+            doc="x if x >= 0 else slope * x, with numpy broadcasting of slope.")(binary_broadcast)
+register_op("mod", ("a", "b"), {"fmod": Attr("bool", False)}, traits=PURE,
+            doc="Remainder of a / b: fmod=true takes the dividend's sign (C fmod), else the divisor's.")(
+    binary_broadcast)
+
+
+def _integer(ctx: InferContext) -> TensorType:
+    """Like `binary_broadcast` (or `unary_same` for one operand), for integer operands only."""
+    result = binary_broadcast(ctx) if len(ctx.types) > 1 else unary_same(ctx)
+    if not result.dtype.is_integer:
+        ctx.fail(f"operands must be integers, got {result.dtype}")
+    return result
+
+
+for _name in ("bitwise_and", "bitwise_or", "bitwise_xor"):
+    register_op(_name, ("a", "b"), traits=PURE + ("commutative",), doc=f"`{_name}` of integer tensors.")(_integer)
+register_op("bitwise_not", ("x",), traits=PURE, doc="Bitwise complement of an integer tensor.")(_integer)
+for _name in ("shift_left", "shift_right"):
+    register_op(_name, ("a", "b"), traits=PURE,
+                doc=f"`{_name}` of integer a by b bits (logical for unsigned types).")(_integer)
 register_op("hard_swish", ("x",), traits=PURE, doc="x * min(max(x + 3, 0), 6) / 6.")(unary_float)
 register_op("leaky_relu", ("x",), {"alpha": Attr("float", 0.01)}, traits=PURE,
             doc="x if x >= 0 else alpha * x.")(unary_float)
