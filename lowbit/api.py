@@ -41,6 +41,15 @@ def load_graph(source, *, batch_size: int | None = None, dims: Mapping[str, int]
     return import_onnx(path, batch_size=batch_size, dims=dims)
 
 
+def optimize(graph: Graph, pipeline: str = "default", *, verify_each: bool = True) -> Graph:
+    """A copy of `graph` transformed by `pipeline` (pass names, options in braces, or a named pipeline)."""
+    from lowbit.passes import PassManager
+
+    result = graph.copy()
+    PassManager(pipeline, verify=verify_each).run(result)
+    return result
+
+
 def run_reference(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run `graph` with the reference interpreter; feeds and results are keyed by the model's names."""
     return _run_reference(graph, feeds)
