@@ -196,7 +196,9 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern], max_rewrite
                 by_op.setdefault(op, []).append(pattern)
         else:
             generic.append(pattern)
-    worklist = list(reversed(graph.nodes))
+    # Consumers are visited before producers, so a pattern rooted late in a chain (the largest
+    # fusion) claims the chain before a smaller pattern rooted inside it does.
+    worklist = list(graph.nodes)
     known = {id(n) for n in graph.nodes}
     changed = False
     rewrites = 0
@@ -216,6 +218,6 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern], max_rewrite
                 known.update(id(n) for n in fresh)
                 revisit = fresh + [user for n in fresh for v in n.outputs for user in v.users]
                 revisit += [v.producer for n in fresh for v in n.inputs if v is not None and v.producer]
-                worklist.extend(reversed(revisit + neighbours + ([node] if not node.erased else [])))
+                worklist.extend(revisit + neighbours + ([node] if not node.erased else []))
                 break
     return changed

@@ -5,7 +5,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from lowbit.backends.reference import elementwise, nn, tensor  # noqa: F401  (fill the table)
+from lowbit.backends.reference import attention, elementwise, nn, tensor  # noqa: F401  (fill the table)
 from lowbit.backends.reference.registry import IMPLEMENTATIONS
 from lowbit.errors import InputError, LowbitError, UnsupportedOpError, VerificationError
 from lowbit.ir import ElidedData, Graph, Node, Value
