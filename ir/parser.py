@@ -17,9 +17,9 @@ from lowbit.ir.types import QuantParams, SparseLayout, TensorType
 
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r\n]+|\#[^\n]*)
-  | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<value>%(?:[A-Za-z0-9_.]+|"(?:[^"\\]|\\.)*"))
-  | (?P<const>@(?:[A-Za-z0-9_.]+|"(?:[^"\\]|\\.)*"))
+  | (?P<string>"[^"\\]*(?:\\.[^"\\]*)*")
+  | (?P<value>%(?:[A-Za-z0-9_.]+|"[^"\\]*(?:\\.[^"\\]*)*"))
+  | (?P<const>@(?:[A-Za-z0-9_.]+|"[^"\\]*(?:\\.[^"\\]*)*"))
   | (?P<number>-?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|inf\b|nan\b))
   | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[=(){}\[\]<>,:])
