@@ -143,7 +143,7 @@ class _Importer:
             raise ShapeError(f"{where} has no shape; lowbit needs static shapes")
         shape = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
+            if dim.HasField("dim_value") and dim.dim_value >= 0:  # a set 0 is an empty axis, not unknown
                 shape.append(dim.dim_value)
                 continue
             symbol = dim.dim_param if dim.HasField("dim_param") else ""
@@ -193,8 +193,8 @@ class _Importer:
                                      f"lowbit imports the default ONNX domain")
         convert = CONVERTERS.get(node.op_type)
         if convert is None:
-            nearest = difflib.get_close_matches(node.op_type, sorted(CONVERTERS), n=1, cutoff=0.5)
-            hint = f"; nearest supported: {nearest[0]}" if nearest else ""
+            nearest = _nearest_supported(node.op_type)
+            hint = f"; nearest supported: {nearest}" if nearest else ""
             raise UnsupportedOpError(f"op type '{node.op_type}' ({node.describe()}) is not supported{hint}")
         self.context.node = node
         try:
@@ -212,3 +212,11 @@ class _Importer:
                     continue
                 raise UnsupportedOpError(f"{node.describe()}: output {index} ('{name}') is not supported")
             self.values[name] = results[index]
+
+
+def _nearest_supported(op_type: str) -> str | None:
+    """The supported op type spelled most like `op_type`, else the longest one it contains
+    (SoftmaxCrossEntropyLoss → Softmax), so the error suggests something to try."""
+    close = difflib.get_close_matches(op_type, sorted(CONVERTERS), n=1, cutoff=0.5)
+    contained = sorted((name for name in CONVERTERS if name in op_type), key=lambda name: (-len(name), name))
+    return (close or contained or [None])[0]

@@ -1,0 +1,208 @@
+"""The `lowbit` command line: inspect a model, run it with the reference interpreter.
+
+User errors (any `LowbitError`, unreadable files, bad arguments) print one line,
+`lowbit: error: ...`, to stderr and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import lowbit
+from lowbit.errors import InputError, LowbitError
+from lowbit.ir import Graph, Value
+
+USAGE_ERROR = 2
+ARGMAX_ROWS = 10
+
+
+class CliError(Exception):
+    """A user error found by the CLI itself (bad --input spec, unreadable .npy file)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints usage and error on two)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"lowbit: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowbit", description="lowbit: a model-compression compiler for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def add_model(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("model", metavar="MODEL", help="an ONNX model (.onnx) or a lowbit IR text file (.lbir)")
+        sub.add_argument("--batch-size", type=_positive_int, metavar="N",
+                         help="bind a symbolic batch dimension of an ONNX model to N (default 1)")
+
+    inspect = commands.add_parser("inspect", help="print inputs, outputs, op counts and parameters",
+                                  description="Print a model's inputs, outputs, op histogram and parameter size.")
+    add_model(inspect)
+    inspect.add_argument("--ir", action="store_true", help="also print the IR text form")
+    inspect.add_argument("--full", action="store_true",
+                         help="with --ir, write every weight in full (the text then round-trips as .lbir)")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    run = commands.add_parser("run", help="run a model with the reference interpreter",
+                              description="Run a model with the reference (numpy) interpreter.")
+    add_model(run)
+    run.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]FILE.npy",
+                     help="feed for input NAME (repeat per input); NAME= may be left out for a one-input model")
+    run.add_argument("--output", "-o", metavar="OUT.npz", help="save all outputs, keyed by name, to OUT.npz")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (LowbitError, CliError) as error:
+        return _fail(str(error))
+    except OSError as error:
+        # Files named on the command line that cannot be read or written.
+        return _fail(f"'{error.filename}': {error.strerror}" if error.filename else str(error))
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"lowbit: error: {' '.join(message.split())}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def load_model(args: argparse.Namespace) -> Graph:
+    if args.batch_size is not None and Path(args.model).suffix == ".lbir":
+        raise CliError(f"--batch-size applies to ONNX models; the shapes of '{args.model}' are fixed")
+    return lowbit.load_graph(args.model, batch_size=args.batch_size)
+
+
+# -- inspect ---------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> None:
+    if args.full and not args.ir:
+        raise CliError("--full only applies together with --ir")
+    graph = load_model(args)
+    print(f"model: {args.model}")
+    if graph.metadata:
+        print("metadata: " + ", ".join(f"{key}={value}" for key, value in graph.metadata.items()))
+    print("inputs:")
+    _print_values([(v.name, v) for v in graph.inputs])
+    print("outputs:")
+    _print_values(list(zip(graph.output_names, graph.outputs)))
+    histogram = graph.op_histogram()
+    print(f"ops: {len(graph.nodes)} nodes")
+    width = max((len(op) for op in histogram), default=0)
+    for op, count in histogram.items():
+        print(f"  {op:<{width}}  {count}")
+    print(f"parameters: {graph.parameter_count():,} in {len(graph.constants)} constants, "
+          f"{_format_bytes(graph.parameter_bytes())}")
+    if args.ir:
+        print()
+        print(graph.to_text(full=args.full), end="")
+
+
+def _print_values(named: list[tuple[str, Value]]) -> None:
+    width = max((len(name) for name, _ in named), default=0)
+    for name, value in named:
+        print(f"  {name:<{width}}  {value.type}")
+
+
+def _format_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    size = count / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+# -- run -------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> None:
+    graph = load_model(args)
+    feeds = _read_feeds(graph, args.input)
+    try:
+        results = lowbit.run_reference(graph, feeds)
+    except InputError as error:
+        raise InputError(f"{error}{_batch_hint(graph, feeds)}") from None
+    for name, value in zip(graph.output_names, graph.outputs):
+        print(_summary(name, value, results[name]))
+    if args.output:
+        # Through a file object, since np.savez would append '.npz' to a path that lacks it.
+        with open(args.output, "wb") as file:
+            np.savez(file, **results)
+        print(f"saved {len(results)} output(s) to {args.output}")
+
+
+def _read_feeds(graph: Graph, specs: list[str]) -> dict[str, np.ndarray]:
+    """Feeds from `NAME=FILE.npy` specs; a bare `FILE.npy` feeds the only input of a one-input model."""
+    names = [v.name for v in graph.inputs]
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        # Split at '=' only when the prefix names an input, so file paths may contain '='.
+        name, sep, path = spec.partition("=")
+        if sep and name not in names and not Path(spec).exists():
+            raise CliError(f"--input '{spec}': the model has no input '{name}'; its inputs are {names}")
+        if not sep or name not in names:
+            if len(names) != 1:
+                raise CliError(f"--input '{spec}': give NAME=FILE.npy, where NAME is one of the model's "
+                               f"inputs {names}")
+            name, path = names[0], spec
+        if name in feeds:
+            raise CliError(f"input '{name}' is given more than once")
+        feeds[name] = _read_array(path)
+    return feeds
+
+
+def _read_array(path: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError:
+        # numpy's own message talks about pickles, which says nothing useful here.
+        raise CliError(f"'{path}' is not a valid .npy file") from None
+    if not isinstance(array, np.ndarray):
+        raise CliError(f"'{path}' holds several arrays (.npz); give one .npy file per input")
+    return array
+
+
+def _batch_hint(graph: Graph, feeds: dict[str, np.ndarray]) -> str:
+    """A hint when a feed differs from its input only in the first (batch) dimension."""
+    for value in graph.inputs:
+        if value.name not in feeds:
+            continue
+        shape, want = feeds[value.name].shape, value.type.shape
+        if shape and want and shape[0] != want[0] and shape[1:] == want[1:]:
+            return f"; for a batch of {shape[0]} pass --batch-size {shape[0]}"
+    return ""
+
+
+def _summary(name: str, value: Value, array: np.ndarray) -> str:
+    text = f"output '{name}': {value.type}"
+    if array.size and array.dtype.kind in "fiub":
+        values = array.astype(np.float64)
+        text += f"  min={values.min():.6g} max={values.max():.6g} mean={values.mean():.6g}"
+        if array.ndim == 2 and array.dtype.kind == "f":
+            argmax = array.argmax(axis=1).tolist()
+            more = ", ..." if len(argmax) > ARGMAX_ROWS else ""
+            text += f"  argmax=[{', '.join(map(str, argmax[:ARGMAX_ROWS]))}{more}]"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The `lowbit` command line, run as a user would: in a subprocess, checking output and exit status."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+from lowbit.ir import save
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "lowbit" / "examples" / "digits_cnn.onnx"
+EXAMPLE_INPUT = ROOT / "lowbit" / "examples" / "digit.npy"
+
+
+def lowbit_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 2 and exactly one line on stderr, `lowbit: error: ...`, naming every fragment."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lowbit: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A folder with `tiny.onnx` (y = relu(x + [-2, -1, 0, 1]), x: f32[batch, 4]), its `.lbir` twin and feeds."""
+    folder = tmp_path_factory.mktemp("tiny")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32) - 2, "bias")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "bias"], ["s"], name="add0"),
+                               helper.make_node("Relu", ["s"], ["y"], name="relu0")], "tiny", [x], [y], [bias])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), folder / "tiny.onnx")
+    save(lowbit.import_onnx(folder / "tiny.onnx"), folder / "tiny.lbir")
+    np.save(folder / "x.npy", np.ones((1, 4), np.float32))
+    np.save(folder / "x3.npy", np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.save(folder / "x_int.npy", np.ones((1, 4), np.int64))
+    return folder
+
+
+def test_version():
+    result = lowbit_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"lowbit {lowbit.__version__}"
+
+
+def test_console_script_is_declared():
+    scripts = {entry.name: entry.value for entry in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("lowbit") == "lowbit.cli:main"
+
+
+def test_inspect_prints_inputs_outputs_ops_and_parameters(tiny):
+    result = lowbit_cli("inspect", tiny / "tiny.onnx")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "x  f32[1,4]" in out and "y  f32[1,4]" in out
+    assert "add   1" in out and "relu  1" in out
+    assert "parameters: 4 in 1 constants, 16 B" in out
+    assert "graph " not in out  # the IR only with --ir
+
+
+def test_inspect_ir_and_batch_size(tiny):
+    result = lowbit_cli("inspect", tiny / "tiny.onnx", "--ir", "--batch-size", "5")
+    assert result.returncode == 0, result.stderr
+    assert 'graph "tiny" {' in result.stdout
+    assert "input %x: f32[5,4]" in result.stdout
+    assert 'loc("relu0")' in result.stdout
+
+
+def test_inspect_full_ir_round_trips(tiny):
+    result = lowbit_cli("inspect", tiny / "tiny.lbir", "--ir", "--full")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout[result.stdout.index("graph "):]
+    assert str(lowbit.ir.parse(text)) == str(lowbit.load_graph(tiny / "tiny.lbir"))
+
+
+def test_run_with_bare_file_and_named_input(tiny):
+    for spec in ("x.npy", "x=x.npy"):
+        result = lowbit_cli("run", "tiny.onnx", "--input", spec, cwd=tiny)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "output 'y': f32[1,4]  min=0 max=2 mean=0.75  argmax=[3]"
+
+
+def test_run_batch_and_save_outputs(tiny, tmp_path):
+    out = tmp_path / "result.bin"  # saved exactly where asked, no '.npz' appended
+    result = lowbit_cli("run", tiny / "tiny.onnx", "-i", tiny / "x3.npy", "--batch-size", "3", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert "f32[3,4]" in result.stdout and "argmax=[3, 3, 3]" in result.stdout
+    saved = np.load(out)
+    x = np.load(tiny / "x3.npy")
+    np.testing.assert_array_equal(saved["y"], np.maximum(x + np.arange(4, dtype=np.float32) - 2, 0))
+
+
+def test_run_lbir_model(tiny):
+    result = lowbit_cli("run", tiny / "tiny.lbir", "--input", tiny / "x.npy")
+    assert result.returncode == 0, result.stderr
+    assert "output 'y': f32[1,4]" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("run", "tiny.onnx", "-i", "x3.npy"), ("input 'x'", "[1, 4]", "[3, 4]", "--batch-size 3")),
+    (("run", "tiny.onnx", "-i", "x_int.npy"), ("input 'x'", "f32", "int64")),
+    (("run", "tiny.onnx", "-i", "z=x.npy"), ("no input 'z'", "['x']")),
+    (("run", "tiny.onnx", "-i", "x=x.npy", "-i", "x.npy"), ("'x'", "more than once")),
+    (("run", "tiny.onnx", "-i", "missing.npy"), ("missing.npy", "No such file")),
+    (("run", "tiny.onnx", "-i", "tiny.onnx"), ("tiny.onnx", "not a valid .npy file")),
+    (("run", "tiny.onnx"), ("--input",)),
+    (("run", "tiny.lbir", "-i", "x.npy", "--batch-size", "2"), ("--batch-size", "tiny.lbir")),
+    (("inspect", "missing.onnx"), ("missing.onnx", "does not exist")),
+    (("inspect", "x.npy"), ("x.npy", "not a valid ONNX model")),
+    (("inspect", "tiny.onnx", "--batch-size", "0"), ("--batch-size", "positive")),
+    (("inspect", "tiny.onnx", "--full"), ("--full", "--ir")),
+    (("frobnicate",), ("frobnicate",)),
+    ((), ("COMMAND",)),
+])
+def test_user_errors_are_one_line_and_exit_2(tiny, args, fragments):
+    assert_user_error(lowbit_cli(*args, cwd=tiny), *fragments)
+
+
+def test_unwritable_output_is_a_user_error(tiny, tmp_path):
+    out = tmp_path / "no" / "such" / "dir.npz"
+    assert_user_error(lowbit_cli("run", tiny / "tiny.onnx", "-i", tiny / "x.npy", "-o", out), str(out))
+
+
+def test_bundled_example_inspect():
+    result = lowbit_cli("inspect", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    assert "input  f32[1,1,28,28]" in result.stdout
+    assert "logits  f32[1,10]" in result.stdout
+    assert "parameters: 34,826" in result.stdout
+
+
+def test_bundled_example_run_predicts_the_digit():
+    # The sample is the first test image of tests/data/digits_test.npz, a 4.
+    assert np.load(EXAMPLE_INPUT).shape == (1, 1, 28, 28)
+    result = lowbit_cli("run", EXAMPLE, "--input", EXAMPLE_INPUT)
+    assert result.returncode == 0, result.stderr
+    assert "output 'logits': f32[1,10]" in result.stdout
+    assert "argmax=[4]" in result.stdout
+
+
+def test_readme_python_example_runs(monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "[4]" in out and "[[0. 0. 1. 2.]]" in out
