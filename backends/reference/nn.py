@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from lowbit.backends.reference.epilogue import apply_epilogue
 from lowbit.backends.reference.registry import reference
 from lowbit.ir.ops.nn import window_count
 
@@ -63,9 +64,10 @@ def _convolve(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, strides: Seque
 
 
 @reference("conv2d")
-def conv2d(attrs, x, w, b=None):
+def conv2d(attrs, x, w, b=None, residual=None):
     pads = attrs["pads"]
-    return _convolve(x, w, b, attrs["strides"], pads[:2], pads[2:], attrs["dilations"], attrs["group"])
+    y = _convolve(x, w, b, attrs["strides"], pads[:2], pads[2:], attrs["dilations"], attrs["group"])
+    return apply_epilogue(attrs, y, residual)
 
 
 @reference("conv_transpose2d")
@@ -92,12 +94,12 @@ def matmul(attrs, a, b):
 
 
 @reference("linear")
-def linear(attrs, x, w, b=None):
+def linear(attrs, x, w, b=None, residual=None):
     compute = _compute_type(x.dtype)
     out = np.matmul(x.astype(compute, copy=False), w.astype(compute, copy=False).T)
     if b is not None:
         out += b.astype(compute)
-    return out.astype(x.dtype, copy=False)
+    return apply_epilogue(attrs, out.astype(x.dtype, copy=False), residual)
 
 
 def _pool_taps(x: np.ndarray, attrs: dict, fill: float, pad_fill: float | None = None) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from lowbit.ir.dtypes import DType
 from lowbit.ir.ops.common import broadcast_shapes, normalize_axis, require_float, same_dtype, unary_float
+from lowbit.ir.ops.epilogue import EPILOGUE_ATTRS, check_epilogue
 from lowbit.ir.registry import Attr, InferContext, register_op
 from lowbit.ir.types import TensorType
 
@@ -84,9 +85,10 @@ def _conv_operands(ctx: InferContext, out_channels: int) -> DType:
     return dtype
 
 
-@register_op("conv2d", ("x", "w", "b?"), _CONV_ATTRS, traits=PURE)
+@register_op("conv2d", ("x", "w", "b?", "residual?"), dict(_CONV_ATTRS, **EPILOGUE_ATTRS), traits=PURE)
 def _conv2d(ctx: InferContext) -> TensorType:
-    """2-D cross-correlation: x [N, C, H, W], w [M, C/group, kH, kW], optional bias b [M] → [N, M, OH, OW]."""
+    """2-D cross-correlation: x [N, C, H, W], w [M, C/group, kH, kW], optional bias b [M] → [N, M, OH, OW],
+    then the fused epilogue (residual add, activation; see lowbit.ir.ops.epilogue)."""
     n, c, h, w = _require_rank(ctx, 0, 4, "input x")
     m, c_per_group, kh, kw = _require_rank(ctx, 1, 4, "weight w")
     dtype = _conv_operands(ctx, m)
@@ -95,7 +97,9 @@ def _conv2d(ctx: InferContext) -> TensorType:
         ctx.fail(f"with group={group}, input channels {c} and output channels {m} need a weight of shape "
                  f"[M, {c // group if c % group == 0 else 'C/group'}, kH, kW] with M divisible by {group}; "
                  f"got {list(ctx.type(1).shape)}")
-    return TensorType((n, m) + _window_output(ctx, (h, w), (kh, kw)), dtype)
+    result = TensorType((n, m) + _window_output(ctx, (h, w), (kh, kw)), dtype)
+    check_epilogue(ctx, 3, result)
+    return result
 
 
 @register_op("conv_transpose2d", ("x", "w", "b?"),
@@ -148,9 +152,10 @@ def _matmul(ctx: InferContext) -> TensorType:
     return TensorType(shape, dtype)
 
 
-@register_op("linear", ("x", "w", "b?"), traits=PURE)
+@register_op("linear", ("x", "w", "b?", "residual?"), EPILOGUE_ATTRS, traits=PURE)
 def _linear(ctx: InferContext) -> TensorType:
-    """x @ w^T + b: x [..., K], weight w [N, K] (out, in), optional bias b [N] → [..., N]."""
+    """x @ w^T + b: x [..., K], weight w [N, K] (out, in), optional bias b [N] → [..., N], then the fused
+    epilogue (residual add, activation; see lowbit.ir.ops.epilogue)."""
     dtype = require_float(ctx)
     same_dtype(ctx)
     x = ctx.type(0).shape
@@ -159,7 +164,9 @@ def _linear(ctx: InferContext) -> TensorType:
         ctx.fail(f"input of shape {list(x)} does not fit weight [{out_features}, {in_features}]")
     if ctx.has(2) and ctx.type(2).shape != (out_features,):
         ctx.fail(f"bias must have shape [{out_features}], got {list(ctx.type(2).shape)}")
-    return TensorType(x[:-1] + (out_features,), dtype)
+    result = TensorType(x[:-1] + (out_features,), dtype)
+    check_epilogue(ctx, 3, result)
+    return result
 
 
 def _pool(ctx: InferContext) -> TensorType:

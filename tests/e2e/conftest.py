@@ -13,3 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "data"
