@@ -1,4 +1,4 @@
-"""The `lowbit` command line: inspect a model, run it with the reference interpreter.
+"""The `lowbit` command line: inspect a model, run it with the reference interpreter, run passes.
 
 User errors (any `LowbitError`, unreadable files, bad arguments) print one line,
 `lowbit: error: ...`, to stderr and exit with status 2; anything else is a bug and keeps its traceback.
@@ -56,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed for input NAME (repeat per input); NAME= may be left out for a one-input model")
     run.add_argument("--output", "-o", metavar="OUT.npz", help="save all outputs, keyed by name, to OUT.npz")
     run.set_defaults(handler=cmd_run)
+
+    opt = commands.add_parser("opt", help="run a pipeline of passes and print or save the IR",
+                              description="Run passes over a model; print the IR, or save it as .lbir with -o.")
+    add_model(opt)
+    opt.add_argument("--pipeline", "-p", default="default",
+                     help="passes, e.g. 'fold-constants,fuse-epilogue' or 'prune-nm{n=2,m=4}' (default: default)")
+    opt.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    opt.add_argument("--print-ir-after-change", action="store_true",
+                     help="print the IR after each pass that changed it (stderr)")
+    opt.add_argument("--timing", action="store_true", help="print each pass's time (stderr)")
+    opt.add_argument("--output", "-o", metavar="OUT.lbir", help="save the result with all weights as IR text")
+    opt.set_defaults(handler=cmd_opt)
+
+    passes = commands.add_parser("passes", help="list the registered passes and named pipelines",
+                                 description="List every registered pass with its options, and the named pipelines.")
+    passes.set_defaults(handler=cmd_passes)
     return parser
 
 
@@ -75,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except (LowbitError, CliError) as error:
         return _fail(str(error))
+    except BrokenPipeError:
+        # The reader of our output went away (`lowbit passes | head`): nothing left to say.
+        sys.stderr.close()
+        return 0
     except OSError as error:
         # Files named on the command line that cannot be read or written.
         return _fail(f"'{error.filename}': {error.strerror}" if error.filename else str(error))
@@ -84,6 +104,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str) -> int:
     print(f"lowbit: error: {' '.join(message.split())}", file=sys.stderr)
     return USAGE_ERROR
+
+
+def cmd_opt(args: argparse.Namespace) -> None:
+    from lowbit.passes import PassManager
+
+    graph = load_model(args)
+    print_ir = "all" if args.print_ir_after_all else ("changed" if args.print_ir_after_change else None)
+    manager = PassManager(args.pipeline, print_ir=print_ir, timing=args.timing, stream=sys.stderr)
+    before = len(graph.nodes)
+    manager.run(graph)
+    if args.output:
+        lowbit.ir.save(graph, args.output)
+        print(f"wrote {args.output}: {before} -> {len(graph.nodes)} nodes")
+    else:
+        sys.stdout.write(str(graph))
+
+
+def cmd_passes(args: argparse.Namespace) -> None:
+    from lowbit.passes import PIPELINES, registered_passes
+
+    for name, cls in registered_passes().items():
+        options = ", ".join(f"{key}: {getattr(kind, '__name__', kind)} = {default}"
+                            for key, (kind, default) in cls.options().items())
+        print(f"{name}{'{' + options + '}' if options else ''}")
+        print(f"    {cls.summary()}")
+    print("\nnamed pipelines:")
+    for name, text in sorted(PIPELINES.items()):
+        print(f"  {name} = {text}")
 
 
 def load_model(args: argparse.Namespace) -> Graph:

@@ -39,7 +39,8 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        return (inspect.getdoc(cls) or "").split("\n")[0]
+        """The docstring's first paragraph on one line."""
+        return " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
 
     @classmethod
     def options(cls) -> dict[str, tuple[Any, Any]]:

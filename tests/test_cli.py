@@ -159,3 +159,30 @@ def test_readme_python_example_runs(monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "[4]" in out and "[[0. 0. 1. 2.]]" in out
+
+
+def test_opt_runs_a_pipeline_and_saves_lbir(tmp_path):
+    out = tmp_path / "opt.lbir"
+    result = lowbit_cli("opt", str(EXAMPLE), "-p", "fold-constants,fuse-epilogue,dce", "--timing",
+                        "--print-ir-after-change", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "IR after fuse-epilogue" in result.stderr and "pass timing" in result.stderr
+    assert "8 -> 6 nodes" in result.stdout
+    ran = lowbit_cli("run", str(out), "--input", str(EXAMPLE_INPUT))
+    assert ran.returncode == 0 and "argmax=[4]" in ran.stdout
+
+
+def test_opt_prints_ir_and_rejects_unknown_passes():
+    printed = lowbit_cli("opt", str(EXAMPLE))
+    assert printed.returncode == 0 and 'activation = "relu"' in printed.stdout
+    bad = lowbit_cli("opt", str(EXAMPLE), "-p", "fold-constant")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("lowbit: error: unknown pass 'fold-constant'; did you mean 'fold-constants'? "
+                                  "(`lowbit passes` lists them)")
+
+
+def test_passes_lists_passes_options_and_pipelines():
+    result = lowbit_cli("passes")
+    assert result.returncode == 0
+    assert "fold-constants{max_elements: int = 16777216}" in result.stdout
+    assert "default = cleanup,fuse,dce" in result.stdout
