@@ -92,24 +92,35 @@ class GeluFusion(Fusion):
 
 
 class AttentionFusion(Fusion):
-    """softmax(q @ kᵀ (/ or ·) scale (+ mask)) @ v → attention(q, kᵀ, v, mask){scale}."""
+    """softmax(q @ kᵀ (/ or ·) scale (+ mask)) @ v → attention(q, kᵀ, v, mask){scale}; also the form
+    torch's exporter writes for scaled_dot_product_attention, (q·√s) @ (kᵀ·√s), scaling both sides,
+    and its guard that replaces NaN probabilities by 0 before the product with v."""
 
     name = "fuse-attention"
 
     def patterns(self) -> list[PatternNode]:
-        scores = Op("matmul", Var("q"), Var("k_t"), name="scores")
-        scaled = [Op("div", scores, Const("divisor")), Op("mul", scores, Const("factor")), scores]
+        scaled = []
+        # The scaled operands first: the plain form would match too, leaving both muls outside.
+        for q, k_t in ((Op("mul", Var("q"), Const("q_factor")), Op("mul", Var("k_t"), Const("k_factor"))),
+                       (Var("q"), Var("k_t"))):
+            scores = Op("matmul", q, k_t, name="scores")
+            scaled += [Op("div", scores, Const("divisor")), Op("mul", scores, Const("factor")), scores]
         forms = []
         for logits in scaled:
             for masked in (Op("add", logits, Var("mask")), logits):
-                forms.append(Op("matmul", Op("softmax", masked, name="probs"), Var("v")))
+                probs = Op("softmax", masked, name="probs")
+                # torch's sdpa export zeroes NaN probabilities (fully masked rows) before @ v.
+                is_nan = Op("logical_not", Op("equal", probs, probs))
+                forms.append(Op("matmul", Op("where", is_nan, Const("zero", value=0.0), probs, name="guarded"),
+                                Var("v")))
+                forms.append(Op("matmul", probs, Var("v")))
         return forms
 
     def check(self, graph: Graph, match: Match) -> str | None:
         probs = match["probs"].producer
         if probs.attrs["axis"] not in (-1, match["probs"].type.rank - 1):
             return "softmax is not over the last axis"
-        for name in ("divisor", "factor"):
+        for name in ("divisor", "factor", "q_factor", "k_factor"):
             if name in match.values and _scalar(match[name]) is None:
                 return f"the scale ({name}) is not a scalar constant"
         if "mask" in match.values and match["mask"] is match["scores"]:
@@ -122,9 +133,12 @@ class AttentionFusion(Fusion):
             scale = 1.0 / _scalar(match["divisor"])
         elif "factor" in match.values:
             scale = _scalar(match["factor"])
+        if "q_factor" in match.values:
+            scale *= _scalar(match["q_factor"]) * _scalar(match["k_factor"])
         root = match.nodes[0]
         operands = [match["q"], match["k_t"], match["v"], match.values.get("mask")]
-        return graph.add_node("attention", operands, {"scale": scale}, name=root.name, before=root).output
+        attrs = {"scale": scale, "zero_nan_probs": "guarded" in match.values}
+        return graph.add_node("attention", operands, attrs, name=root.name, before=root).output
 
 
 @register("fuse-layernorm")

@@ -13,4 +13,7 @@ def attention(attrs, q, k_t, v, mask=None):
     scores = np.matmul(q, k_t) * q.dtype.type(attrs["scale"])
     if mask is not None:
         scores = scores + mask
-    return np.matmul(softmax({"axis": -1}, scores), v)
+    probs = softmax({"axis": -1}, scores)
+    if attrs["zero_nan_probs"]:
+        probs = np.where(np.isnan(probs), probs.dtype.type(0), probs)
+    return np.matmul(probs, v)

@@ -6,9 +6,12 @@ from lowbit.ir.registry import Attr, InferContext, register_op
 from lowbit.ir.types import TensorType
 
 
-@register_op("attention", ("q", "k_t", "v", "mask?"), {"scale": Attr("float", 1.0)}, traits=("pure",))
+@register_op("attention", ("q", "k_t", "v", "mask?"),
+             {"scale": Attr("float", 1.0),
+              "zero_nan_probs": Attr("bool", False, "NaN probabilities (fully masked rows) become 0")},
+             traits=("pure",))
 def _attention(ctx: InferContext) -> TensorType:
-    """softmax(q @ k_t * scale + mask, last axis) @ v.
+    """softmax(q @ k_t * scale + mask, last axis) @ v; with `zero_nan_probs`, NaN probabilities become 0.
 
     q [..., Sq, D], k_t [..., D, Sk] (keys already transposed, as exporters produce them),
     v [..., Sk, Dv], mask broadcastable to [..., Sq, Sk]; batch axes broadcast as in matmul.
