@@ -50,6 +50,14 @@ def optimize(graph: Graph, pipeline: str = "default", *, verify_each: bool = Tru
     return result
 
 
+def compile(graph: Graph, target: str = "host", num_threads: int = 1):
+    """Compile `graph` to native code for `target` (`"host"`, or a name such as `"x86_64-avx2"`);
+    the result's `.run(feeds)` returns outputs by name, like `run_reference`."""
+    from lowbit.backends.native.compiler import compile_graph
+
+    return compile_graph(graph, target, num_threads)
+
+
 def run_reference(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run `graph` with the reference interpreter; feeds and results are keyed by the model's names."""
     return _run_reference(graph, feeds)

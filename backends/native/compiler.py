@@ -1,0 +1,116 @@
+"""Graph → one LLVM module with `lowbit_run(inputs, outputs, arena, weights)` calling every kernel,
+compiled in-process (JIT) and run with numpy arrays."""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+from llvmlite import ir
+
+from lowbit.backends.native import lowerings  # noqa: F401  (fills the lowering table)
+from lowbit.backends.native.lowering import BYTE_PTR, Buffer, Call, LowerContext, lower_node
+from lowbit.backends.native.memory import layout_weights, plan_arena
+from lowbit.backends.native.target import Target
+from lowbit.backends.reference import check_feeds
+from lowbit.errors import LowbitError
+from lowbit.ir import Graph, verify
+from lowbit.kernels.copy import copy_kernel
+from lowbit.kernels.llvm import JitModule, new_module
+
+RUN = "lowbit_run"
+
+
+class Program:
+    """A lowered graph: kernel calls over planned buffers, the weights blob and the LLVM module."""
+
+    def __init__(self, graph: Graph, target: Target) -> None:
+        verify(graph)
+        self.graph = graph
+        self.target = target
+        self.module = new_module(graph.name, target)
+        ctx = LowerContext(self.module, target, graph)
+        for index, value in enumerate(graph.inputs):
+            ctx.bind(value, Buffer("input", value.type.nbytes, index, value.name))
+        outputs = [Buffer("output", v.type.nbytes, i, n) for i, (n, v) in
+                   enumerate(zip(graph.output_names, graph.outputs))]
+        for buffer, value in zip(outputs, graph.outputs):
+            if value.producer is not None and graph.outputs.count(value) == 1:
+                ctx.bind(value, buffer)
+        for node in graph.nodes:
+            lower_node(ctx, node)
+        for buffer, value in zip(outputs, graph.outputs):
+            source = ctx.buffer(value)
+            if source is not buffer:
+                kernel = ctx.kernel(("copy", buffer.nbytes), lambda m, name: copy_kernel(m, name, buffer.nbytes))
+                ctx.calls.append(Call(kernel.name, [source, buffer], f"output '{buffer.label}'"))
+        self.calls: list[Call] = ctx.calls
+        self.arena_bytes = plan_arena(self.calls)
+        self.weights_bytes = layout_weights(ctx.weights)
+        self.weights = np.zeros(max(self.weights_bytes, 1), np.uint8)
+        for buffer, data in ctx.weights:
+            self.weights[buffer.offset:buffer.offset + buffer.nbytes] = np.frombuffer(data.tobytes(), np.uint8)
+        self._emit_run()
+
+    def _emit_run(self) -> None:
+        pointer_array = BYTE_PTR.as_pointer()
+        function = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [pointer_array, pointer_array,
+                                                                            BYTE_PTR, BYTE_PTR]), RUN)
+        inputs, outputs, arena, weights = function.args
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        i64 = ir.IntType(64)
+
+        def pointer(buffer: Buffer) -> ir.Value:
+            if buffer.kind in ("input", "output"):
+                table = inputs if buffer.kind == "input" else outputs
+                return builder.load(builder.gep(table, [ir.Constant(i64, buffer.index)]))
+            base = arena if buffer.kind == "arena" else weights
+            return builder.gep(base, [ir.Constant(i64, buffer.offset)])
+
+        for call in self.calls:
+            builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers])
+        builder.ret_void()
+
+
+class CompiledModel:
+    """A graph compiled to native code for this machine; `run(feeds)` returns outputs by name."""
+
+    def __init__(self, graph: Graph, target: Target, num_threads: int = 1) -> None:
+        start = time.perf_counter()
+        self.program = Program(graph, target)
+        self.graph = graph
+        self.target = target
+        self.num_threads = num_threads
+        self._jit = JitModule(self.program.module, target, Target.host())
+        self._run = self._jit.function(RUN, None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p)
+        self.compile_seconds = time.perf_counter() - start
+        self._local = threading.local()
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes of the arena that holds every intermediate value (inputs, outputs, weights apart)."""
+        return self.program.arena_bytes
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = check_feeds(self.graph, feeds)
+        inputs = [np.ascontiguousarray(checked[v.name]) for v in self.graph.inputs]
+        outputs = [np.empty(v.type.shape, v.type.dtype.numpy) for v in self.graph.outputs]
+        arena = getattr(self._local, "arena", None)
+        if arena is None:  # one arena per calling thread keeps concurrent runs apart
+            arena = self._local.arena = np.empty(max(self.program.arena_bytes, 1), np.uint8)
+        input_table = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
+        output_table = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
+        self._run(ctypes.addressof(input_table), ctypes.addressof(output_table), arena.ctypes.data,
+                  self.program.weights.ctypes.data)
+        return dict(zip(self.graph.output_names, outputs))
+
+
+def compile_graph(graph: Graph, target: str | Target = "host", num_threads: int = 1) -> CompiledModel:
+    if isinstance(target, str):
+        target = Target.parse(target)
+    if num_threads < 1:
+        raise LowbitError(f"num_threads must be at least 1, got {num_threads}")
+    return CompiledModel(graph, target, num_threads)
