@@ -58,7 +58,9 @@ def verify(graph: Graph) -> None:
             raise VerificationError(f"{where}: has {len(node.outputs)} results, op declares {len(inferred)}")
         for index, (value, want) in enumerate(zip(node.outputs, inferred)):
             _check_value_kind(value, f"{where}: result {index}", producer=node)
-            if value.type.shape != want.shape or value.type.dtype != want.dtype:
+            # Quantization parameters are compared where inference determines them (integer ops).
+            if value.type.shape != want.shape or value.type.dtype != want.dtype or \
+                    (want.quant is not None and value.type.quant != want.quant):
                 raise VerificationError(f"{where}: result {index} has type {value.type}, "
                                         f"inference gives {want}")
             if id(value) in defined:

@@ -5,8 +5,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from lowbit.backends.reference import attention, elementwise, nn, tensor  # noqa: F401  (fill the table)
-from lowbit.backends.reference.registry import IMPLEMENTATIONS
+from lowbit.backends.reference import attention, elementwise, nn, quantized, tensor  # noqa: F401  (fill the table)
+from lowbit.backends.reference.registry import IMPLEMENTATIONS, TYPED
 from lowbit.errors import InputError, LowbitError, UnsupportedOpError, VerificationError
 from lowbit.ir import ElidedData, Graph, Node, Value
 
@@ -20,7 +20,11 @@ def evaluate_node(node: Node, operands: list[np.ndarray | None]) -> list[np.ndar
         raise UnsupportedOpError(f"{node.describe()}: op '{node.op}' has no reference implementation")
     try:
         with np.errstate(all="ignore"):
-            result = implementation(node.attrs, *operands)
+            if node.op in TYPED:
+                result = implementation(node.attrs, *operands,
+                                        types=[v.type if v is not None else None for v in node.inputs])
+            else:
+                result = implementation(node.attrs, *operands)
     except LowbitError:
         raise
     except (ValueError, IndexError, TypeError, ZeroDivisionError) as error:

@@ -12,9 +12,12 @@ import numpy as np
 ReferenceFn = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
 
 IMPLEMENTATIONS: dict[str, ReferenceFn] = {}
+# Ops whose implementation also takes `types=` (the operands' TensorTypes, None where absent): integer ops
+# read their operands' quantization parameters there.
+TYPED: set[str] = set()
 
 
-def reference(*ops: str) -> Callable[[ReferenceFn], ReferenceFn]:
+def reference(*ops: str, typed: bool = False) -> Callable[[ReferenceFn], ReferenceFn]:
     """Register `fn` as the reference implementation of each op in `ops`."""
 
     def decorate(fn: ReferenceFn) -> ReferenceFn:
@@ -22,6 +25,8 @@ def reference(*ops: str) -> Callable[[ReferenceFn], ReferenceFn]:
             if op in IMPLEMENTATIONS:
                 raise ValueError(f"op '{op}' already has a reference implementation")
             IMPLEMENTATIONS[op] = fn
+            if typed:
+                TYPED.add(op)
         return fn
 
     return decorate
