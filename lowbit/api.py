@@ -50,6 +50,13 @@ def optimize(graph: Graph, pipeline: str = "default", *, verify_each: bool = Tru
     return result
 
 
+def quantize(graph: Graph, calibration=None, **options) -> Graph:
+    """Post-training quantization (see `lowbit.passes.quantize.quantize` for every option)."""
+    from lowbit.passes.quantize import quantize as _quantize
+
+    return _quantize(graph, calibration, **options)
+
+
 def compile(graph: Graph, target: str = "host", num_threads: int = 1):
     """Compile `graph` to native code for `target` (`"host"`, or a name such as `"x86_64-avx2"`);
     the result's `.run(feeds)` returns outputs by name, like `run_reference`."""

@@ -10,3 +10,9 @@ __all__ = [
     "Observer", "Histogram", "OBSERVERS", "register_observer", "make_observer", "MASK_THRESHOLD",
     "choose_qparams", "quant_limits", "fake_quantize", "entropy_threshold_bin",
 ]
+
+from lowbit.passes.quantize.api import quantize  # noqa: E402
+from lowbit.passes.quantize.quantizer import QuantizationError, QuantizeOptions  # noqa: E402
+from lowbit.passes.quantize.realize import realize  # noqa: E402
+
+__all__ += ["quantize", "realize", "QuantizeOptions", "QuantizationError"]
