@@ -1,0 +1,131 @@
+"""Post-training quantization end to end: trained models keep their accuracy, graphs become integer ops,
+the options do what they say, and the attention-mask trap is avoided."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.ir import DType, parse, verify
+from lowbit.passes.quantize import QuantizationError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TEST = np.load(DATA / "digits_test.npz")
+CALIB = np.load(DATA / "digits_calib.npz")["x"]
+MODELS = {"digits_cnn": (1, 28, 28), "mlp": (784,)}
+
+
+def model(name: str, batch: int = 100) -> lowbit.Graph:
+    return lowbit.import_onnx(DATA / f"{name}.onnx", batch_size=batch)
+
+
+def accuracy(graph, name: str) -> float:
+    x = TEST["x"].reshape((-1,) + MODELS[name])
+    batch = graph.inputs[0].type.shape[0]
+    predictions = [lowbit.run_reference(graph, {"input": x[i:i + batch]})["logits"].argmax(1)
+                   for i in range(0, len(x), batch)]
+    return float((np.concatenate(predictions) == TEST["y"]).mean())
+
+
+def calibration(name: str) -> dict:
+    return {"input": CALIB.reshape((-1,) + MODELS[name])}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_static_int8_keeps_accuracy_and_runs_integer_ops(name):
+    graph = model(name)
+    quantized = lowbit.quantize(graph, calibration(name), progress=False)
+    counts = quantized.op_histogram()
+    assert not {"conv2d", "linear", "relu"} & set(counts)
+    assert counts.get("qlinear", 0) >= 1 and counts["quantize"] == 1 and counts["dequantize"] == 1
+    assert accuracy(quantized, name) >= accuracy(graph, name) - 0.004
+    assert str(parse(str(quantized))) == str(quantized)
+
+
+def test_realized_integers_agree_with_the_simulation():
+    graph = model("digits_cnn")
+    simulated = lowbit.quantize(graph, calibration("digits_cnn"), simulate_only=True, progress=False)
+    realized = lowbit.quantize(graph, calibration("digits_cnn"), progress=False)
+    assert "qconv2d" not in simulated.op_histogram() and "conv2d" in simulated.op_histogram()
+    feeds = {"input": TEST["x"][:100]}
+    step = realized.outputs[0].producer.inputs[0].type.quant.scale[0]
+    difference = np.abs(lowbit.run_reference(simulated, feeds)["logits"] - lowbit.run_reference(realized, feeds)["logits"])
+    assert difference.max() <= 2 * step + 1e-6
+    assert (difference <= step / 2 + 1e-6).mean() > 0.95
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_calibration_methods(method):
+    graph = model("digits_cnn")
+    quantized = lowbit.quantize(graph, calibration("digits_cnn"), method=method, progress=False)
+    assert accuracy(quantized, "digits_cnn") >= accuracy(graph, "digits_cnn") - 0.01
+
+
+def test_seven_bit_weights_stay_in_range():
+    quantized = lowbit.quantize(model("mlp"), calibration("mlp"), weights="int7", progress=False)
+    weights = [c for c in quantized.constants if c.type.dtype is DType.i8 and c.type.quant is not None]
+    assert weights and all(c.type.quant.bits == 7 and c.data.min() >= -64 and c.data.max() <= 63 for c in weights)
+    assert accuracy(quantized, "mlp") >= 0.975
+
+
+@pytest.mark.parametrize("activations, dtype", [("uint8", DType.u8), ("int16", DType.i16)])
+def test_activation_types(activations, dtype):
+    quantized = lowbit.quantize(model("digits_cnn"), calibration("digits_cnn"), activations=activations,
+                                progress=False)
+    assert quantized.nodes[0].op == "quantize" and quantized.nodes[0].outputs[0].type.dtype is dtype
+    assert accuracy(quantized, "digits_cnn") >= 0.98
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_weight_only(weights):
+    graph = model("mlp")
+    quantized = lowbit.quantize(graph, mode="weight_only", weights=weights, group_size=16, progress=False)
+    counts = quantized.op_histogram()
+    assert counts["linear"] == 3 and counts["dequantize"] == 3 and "quantize" not in counts
+    weight = next(c.type for c in quantized.constants if c.type.quant is not None)
+    assert weight.dtype is (DType.i8 if weights == "int8" else DType.i4)
+    if weights == "int4":
+        assert weight.quant.group_size == 16 and weight.quant.axis == 1
+    assert accuracy(quantized, "mlp") >= accuracy(graph, "mlp") - (0.004 if weights == "int8" else 0.02)
+
+
+def test_exclude_keeps_named_nodes_and_op_types_in_float():
+    graph = model("digits_cnn")
+    by_type = lowbit.quantize(graph, calibration("digits_cnn"), exclude=["linear"], progress=False)
+    assert "linear" in by_type.op_histogram() and "qconv2d" in by_type.op_histogram()
+    by_name = lowbit.quantize(graph, calibration("digits_cnn"), exclude=["/conv1/Conv"], progress=False)
+    assert [n.op for n in by_name.nodes if n.name == "/conv1/Conv"] == ["conv2d"]
+    verify(by_name)
+
+
+def test_bert_attention_matmuls_are_integer_and_the_mask_stays_float():
+    graph = lowbit.import_onnx(DATA / "torch_bert_tiny_classic.onnx", batch_size=2, dims={"sequence": 16})
+
+    def feeds(seed):
+        rng = np.random.default_rng(seed)
+        mask = np.ones((2, 16), np.int64)
+        mask[1, 9:] = 0
+        return {"input_ids": rng.integers(0, 200, (2, 16)).astype(np.int64), "attention_mask": mask}
+
+    quantized = lowbit.quantize(graph, [feeds(s) for s in range(6)], progress=False)
+    counts = quantized.op_histogram()
+    assert counts["qmatmul"] == 4 and "matmul" not in counts and "linear" not in counts
+    scales = [s for v in (out for n in quantized.nodes for out in n.outputs) if v.type.quant for s in v.type.quant.scale]
+    assert max(scales) < 1.0, "a scale this large means a float32-min mask constant was observed"
+    similarities = []
+    for seed in range(100, 105):
+        f = feeds(seed)
+        a, b = (lowbit.run_reference(g, f)["last_hidden_state"] for g in (graph, quantized))
+        m = f["attention_mask"][..., None]
+        a, b = (a * m).sum(1) / m.sum(1), (b * m).sum(1) / m.sum(1)
+        similarities += list((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    assert np.mean(similarities) >= 0.995
+
+
+def test_option_errors():
+    with pytest.raises(QuantizationError, match="needs calibration data"):
+        lowbit.quantize(model("mlp"), None, progress=False)
+    with pytest.raises(QuantizationError, match="weight-only"):
+        lowbit.quantize(model("mlp"), calibration("mlp"), weights="int4", progress=False)
+    with pytest.raises(QuantizationError, match="activations must be one of"):
+        lowbit.quantize(model("mlp"), calibration("mlp"), activations="int3", progress=False)
