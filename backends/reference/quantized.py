@@ -154,3 +154,36 @@ def qglobal_avg_pool(attrs, x, *, types):
     sums = _centred(x, types[0]).sum(axis=axes, keepdims=True)
     count = int(np.prod(x.shape[2:]))
     return (_rounded_mean(sums, count) + types[0].quant.zero_point_array(sums.shape)).astype(x.dtype)
+
+
+def dynamic_quantize(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """ONNX DynamicQuantizeLinear: u8, range widened to include 0, scale = (max - min) / 255 in float32,
+    zero point = clamp(round_half_even(-min / scale), 0, 255); an all-zero tensor gets scale 1."""
+    low = np.float32(min(float(x.min()), 0.0)) if x.size else np.float32(0)
+    high = np.float32(max(float(x.max()), 0.0)) if x.size else np.float32(0)
+    scale = np.float32((high - low) / np.float32(255)) if high > low else np.float32(1)
+    zero_point = int(np.clip(np.rint(np.float32(-low) / scale), 0, 255))
+    q = quant_math.quantize_values(x, scale, np.int64(zero_point), 0, 255)
+    return q, scale, zero_point
+
+
+def _dynamic_product(a_centred: np.ndarray, b_centred: np.ndarray) -> np.ndarray:
+    # float64 holds every partial sum exactly: |term| < 2^16 and depth far below 2^37.
+    return np.matmul(a_centred.astype(np.float64), b_centred.astype(np.float64)).astype(np.int64)
+
+
+@reference("dynamic_linear", typed=True)
+def dynamic_linear(attrs, x, w, bias=None, *, types):
+    q, scale, zero_point = dynamic_quantize(x)
+    acc = _dynamic_product(q - zero_point, _centred(w, types[1]).T)
+    factors = (scale * np.asarray(types[1].quant.scale, np.float32)).astype(np.float32)
+    y = acc.astype(np.float32) * factors
+    return (y + bias).astype(np.float32) if bias is not None else y
+
+
+@reference("dynamic_matmul")
+def dynamic_matmul(attrs, a, b):
+    qa, sa, za = dynamic_quantize(a)
+    qb, sb, zb = dynamic_quantize(b)
+    acc = _dynamic_product(qa - za, qb - zb)
+    return acc.astype(np.float32) * np.float32(sa * sb)

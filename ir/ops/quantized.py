@@ -452,3 +452,31 @@ def _qavg_pool2d(ctx: InferContext) -> TensorType:
 def _qglobal_avg_pool(ctx: InferContext) -> TensorType:
     """global_avg_pool on the integers with qavg_pool2d's rounding; the result keeps x's parameters."""
     return _same_params(ctx, "global_avg_pool")
+
+
+# -- dynamic quantization: activation parameters computed at run time ------------------------------
+@register_op("dynamic_linear", ("x", "w", "bias?"), traits=PURE)
+def _dynamic_linear(ctx: InferContext) -> TensorType:
+    """Float x [..., K] quantized at run time to u8 (ONNX DynamicQuantizeLinear over the whole tensor),
+    times integer weights w [N, K] (per-tensor or per-channel axis 0), accumulated exactly in int32, then
+    float32(acc) · float32(scale_x · scale_w[n]) + bias[n] (float32, in that order)."""
+    require_float(ctx)
+    x, w = ctx.type(0), ctx.type(1)
+    _operand(ctx, 1, "weight w", channel_axis=0, max_bits=8)
+    if w.rank != 2 or not x.rank or x.shape[-1] != w.shape[1]:
+        ctx.fail(f"input of shape {list(x.shape)} does not fit a weight [N, K] of shape {list(w.shape)}")
+    if ctx.has(2) and (ctx.type(2).shape != (w.shape[0],) or not ctx.type(2).dtype.is_float):
+        ctx.fail(f"bias must be float [{w.shape[0]}], got {ctx.type(2)}")
+    return TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+@register_op("dynamic_matmul", ("a", "b"), traits=PURE)
+def _dynamic_matmul(ctx: InferContext) -> TensorType:
+    """Both float operands quantized at run time to u8 (DynamicQuantizeLinear, per tensor), multiplied
+    exactly in int32, result float32(acc) · float32(scale_a · scale_b); shapes as matmul (rank >= 2)."""
+    require_float(ctx)
+    a, b = ctx.type(0), ctx.type(1)
+    if a.rank < 2 or b.rank < 2 or a.dtype != b.dtype:
+        ctx.fail(f"operands must be float tensors of one type with rank >= 2, got {a} and {b}")
+    shape = _shape_of(ctx, "matmul", [a, b], {})
+    return TensorType(shape, a.dtype)

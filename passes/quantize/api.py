@@ -16,8 +16,9 @@ def quantize(graph: Graph, calibration: Any = None, *, mode: str = "static", wei
     """A quantized copy of `graph`.
 
     `calibration`: an iterable of feed dicts, or a dict of whole arrays cut into the graph's batch size.
-    `mode`: "static" (int8 activations and weights, integer ops) or "weight_only" (int8 or 4-bit
-    weights dequantized before float ops). `weights`: "int8", "int7" (7-bit weights, so that x86
+    `mode`: "static" (int8 activations and weights, integer ops), "dynamic" (int8 weights; activation
+    scales found at run time for linear layers and matmuls: `dynamic_linear`, `dynamic_matmul`; no
+    calibration needed) or "weight_only" (int8 or 4-bit weights dequantized before float ops). `weights`: "int8", "int7" (7-bit weights, so that x86
     `vpmaddubsw` can never saturate), "int4"/"uint4" (weight-only, per group of `group_size`).
     `activations`: "int8", "uint8" or "int16". `method`: the calibration observer (minmax,
     percentile, entropy, mse; `observer_options` go to it, e.g. percentile=99.99). `exclude`: node

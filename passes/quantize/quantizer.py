@@ -33,7 +33,7 @@ LIGHT = ("add", "mul", "concat", "avg_pool2d", "global_avg_pool")
 CLAMPS = ("none", "relu", "clip")
 ACTIVATION_TYPES = {"int8": DType.i8, "uint8": DType.u8, "int16": DType.i16}
 WEIGHT_TYPES = {"int8": (DType.i8, 8), "int7": (DType.i8, 7), "int4": (DType.i4, 4), "uint4": (DType.u4, 4)}
-MODES = ("static", "weight_only")
+MODES = ("static", "dynamic", "weight_only")
 # The graph quantization starts from: folded and fused, but with attention left as its matmuls so
 # that the two products can run in integers.
 PREPARE = "cleanup,fold-batchnorm,fuse-linear,fuse-layernorm,fuse-gelu,fuse-epilogue,dce"
@@ -64,7 +64,7 @@ class QuantizeOptions:
         if self.activations not in ACTIVATION_TYPES:
             raise QuantizationError(f"activations must be one of {sorted(ACTIVATION_TYPES)}, "
                                     f"got '{self.activations}'")
-        if WEIGHT_TYPES[self.weights][1] == 4 and self.mode == "static":
+        if WEIGHT_TYPES[self.weights][1] == 4 and self.mode != "weight_only":
             raise QuantizationError("4-bit weights are weight-only (mode='weight_only'): integer ops take "
                                     "8-bit weights")
 
@@ -246,12 +246,39 @@ def quantize_weights_only(graph: Graph, options: QuantizeOptions) -> None:
             _quantize_weight_and_bias(graph, node, options)
 
 
+def quantize_dynamic(graph: Graph, options: QuantizeOptions) -> None:
+    """linear with constant weights → dynamic_linear (its fused residual and activation split off as float
+    ops); matmul of two run-time operands → dynamic_matmul. Activation ranges are found at run time."""
+    for node in list(graph.nodes):
+        if _excluded(node, options.exclude):
+            continue
+        if node.op == "linear" and constant_value(node.inputs[1]) is not None:
+            name = node.name or node.op
+            data, weight_type = quantize_weight(constant_value(node.inputs[1]), options)
+            weight = graph.add_constant(data, f"{name}.weight_q", weight_type)
+            operands = [node.inputs[0], weight] + ([node.inputs[2]] if len(node.inputs) > 2 else [])
+            result = graph.add_node("dynamic_linear", operands, name=name, before=node).output
+            if len(node.inputs) > 3 and node.inputs[3] is not None:
+                result = graph.add_node("add", [result, node.inputs[3]], name=f"{name}.residual", before=node).output
+            if node.attrs["activation"] != "none":
+                result = graph.add_node(node.attrs["activation"], [result],
+                                        activation_attrs(node.attrs["activation"], node.attrs["activation_params"]),
+                                        name=f"{name}.activation", before=node).output
+        elif node.op == "matmul" and all(constant_value(v) is None for v in node.inputs) \
+                and min(v.type.rank for v in node.inputs) >= 2:
+            result = graph.add_node("dynamic_matmul", node.inputs, name=node.name, before=node).output
+        else:
+            continue
+        graph.replace_all_uses_with(node.outputs[0], result)
+        graph.erase(node)
+
+
 def simulated_quantization(graph: Graph, calibration, options: QuantizeOptions, *,
                            progress: bool = True) -> Graph:
     """The prepared graph with quantize/dequantize pairs inserted (stage one)."""
     prepared = prepare(graph)
-    if options.mode == "weight_only":
-        quantize_weights_only(prepared, options)
+    if options.mode in ("weight_only", "dynamic"):
+        (quantize_weights_only if options.mode == "weight_only" else quantize_dynamic)(prepared, options)
         prepared.eliminate_dead_code()
         return prepared
     quantized, owner = plan(prepared, options)

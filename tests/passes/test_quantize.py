@@ -129,3 +129,33 @@ def test_option_errors():
         lowbit.quantize(model("mlp"), calibration("mlp"), weights="int4", progress=False)
     with pytest.raises(QuantizationError, match="activations must be one of"):
         lowbit.quantize(model("mlp"), calibration("mlp"), activations="int3", progress=False)
+
+
+def test_dynamic_mode_needs_no_calibration():
+    graph = model("mlp")
+    quantized = lowbit.quantize(graph, mode="dynamic", progress=False)
+    assert quantized.op_histogram() == {"dynamic_linear": 3, "relu": 2}
+    assert accuracy(quantized, "mlp") >= accuracy(graph, "mlp") - 0.004
+
+
+def test_dynamic_quantization_matches_onnx_dynamic_quantize_linear():
+    """The run-time parameters are ONNX DynamicQuantizeLinear's, checked against onnxruntime."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from lowbit.backends.reference.quantized import dynamic_quantize
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "scale", "zero_point"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 7])],
+                              [helper.make_tensor_value_info(n, t, None) for n, t in
+                               (("y", TensorProto.UINT8), ("scale", TensorProto.FLOAT),
+                                ("zero_point", TensorProto.UINT8))])
+    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                           .SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    for x in (rng.standard_normal((3, 7)).astype(np.float32) * 4, np.abs(rng.standard_normal((3, 7))).astype(np.float32)):
+        y, scale, zero_point = session.run(None, {"x": x})
+        q, our_scale, our_zero_point = dynamic_quantize(x)
+        assert our_scale == scale and our_zero_point == zero_point
+        np.testing.assert_array_equal(q, y)
