@@ -69,6 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--output", "-o", metavar="OUT.lbir", help="save the result with all weights as IR text")
     opt.set_defaults(handler=cmd_opt)
 
+    quantize = commands.add_parser("quantize", help="post-training quantization to int8 (or int16/int4)",
+                                   description="Quantize a model with calibration data; save the result as .lbir.")
+    add_model(quantize)
+    quantize.add_argument("--calibration", "-c", metavar="CALIB.npz",
+                          help="one array per input name, samples along the first axis (static mode)")
+    quantize.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
+                          help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    quantize.add_argument("--mode", choices=("static", "dynamic", "weight_only"), default="static")
+    quantize.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
+                          help="calibration observer (default minmax)")
+    quantize.add_argument("--percentile", type=float, help="the percentile of --method percentile (99.99)")
+    quantize.add_argument("--weights", choices=("int8", "int7", "int4", "uint4"), default="int8")
+    quantize.add_argument("--activations", choices=("int8", "uint8", "int16"), default="int8")
+    quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    quantize.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_OP",
+                          help="keep this node (by name) or op type in float (repeatable)")
+    quantize.add_argument("--output", "-o", metavar="OUT.lbir", required=True, help="where to save the result")
+    quantize.add_argument("--report", metavar="DIR",
+                          help="write per-layer SQNR and max error (report.json, report.png) to DIR")
+    quantize.set_defaults(handler=cmd_quantize)
+
     passes = commands.add_parser("passes", help="list the registered passes and named pipelines",
                                  description="List every registered pass with its options, and the named pipelines.")
     passes.set_defaults(handler=cmd_passes)
@@ -119,6 +140,35 @@ def cmd_opt(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}: {before} -> {len(graph.nodes)} nodes")
     else:
         sys.stdout.write(str(graph))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lowbit.passes.quantize import format_table, layer_errors, load_calibration_npz, write_report
+    from lowbit.passes.quantize.quantizer import prepare
+
+    graph = load_model(args)
+    names = {}
+    for spec in args.calibration_array:
+        key, sep, array = spec.partition("=")
+        if not sep:
+            raise CliError(f"--calibration-array needs INPUT=ARRAY, got '{spec}'")
+        names[key] = array
+    calibration = load_calibration_npz(args.calibration, graph, names=names) if args.calibration else None
+    if calibration is None and (args.mode == "static" or args.report):
+        raise CliError("--calibration CALIB.npz is needed for static quantization and for --report")
+    options = {"percentile": args.percentile} if args.percentile is not None else {}
+    quantized = lowbit.quantize(graph, calibration, mode=args.mode, method=args.method, weights=args.weights,
+                                activations=args.activations, per_channel=not args.per_tensor,
+                                exclude=args.exclude, **options)
+    lowbit.ir.save(quantized, args.output)
+    counts = ", ".join(f"{op} {n}" for op, n in quantized.op_histogram().items())
+    print(f"wrote {args.output}: {counts}")
+    print(f"weights: {_format_bytes(graph.parameter_bytes())} -> {_format_bytes(quantized.parameter_bytes())}")
+    if args.report:
+        errors = layer_errors(prepare(graph), quantized, calibration)
+        print(format_table(errors))
+        for path in write_report(errors, args.report):
+            print(f"wrote {path}")
 
 
 def cmd_passes(args: argparse.Namespace) -> None:

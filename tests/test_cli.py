@@ -1,6 +1,7 @@
 """The `lowbit` command line, run as a user would: in a subprocess, checking output and exit status."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
@@ -186,3 +187,25 @@ def test_passes_lists_passes_options_and_pipelines():
     assert result.returncode == 0
     assert "fold-constants{max_elements: int = 16777216}" in result.stdout
     assert "default = cleanup,fuse,dce" in result.stdout
+
+
+def test_quantize_writes_lbir_and_report(tmp_path):
+    data = ROOT / "tests" / "data"
+    out = tmp_path / "q.lbir"
+    result = lowbit_cli("quantize", str(data / "digits_cnn.onnx"), "--calibration", str(data / "digits_calib.npz"),
+                        "--calibration-array", "input=x", "--method", "percentile", "-o", str(out),
+                        "--report", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    assert "qconv2d 2" in result.stdout and "SQNR dB" in result.stdout and "/conv1/Conv" in result.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [row["name"] for row in report["layers"]][0] == "/conv1/Conv"
+    assert all(row["sqnr_db"] > 20 for row in report["layers"])
+    ran = lowbit_cli("run", str(out), "--input", str(EXAMPLE_INPUT))
+    assert ran.returncode == 0 and "argmax=[4]" in ran.stdout
+
+
+def test_quantize_static_without_calibration_is_a_one_line_error(tmp_path):
+    result = lowbit_cli("quantize", str(EXAMPLE), "-o", str(tmp_path / "q.lbir"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("lowbit: error: --calibration CALIB.npz is needed for static quantization "
+                                     "and for --report")

@@ -16,3 +16,6 @@ from lowbit.passes.quantize.quantizer import QuantizationError, QuantizeOptions 
 from lowbit.passes.quantize.realize import realize  # noqa: E402
 
 __all__ += ["quantize", "realize", "QuantizeOptions", "QuantizationError"]
+from lowbit.passes.quantize.report import LayerError, format_table, layer_errors, write_report  # noqa: E402
+
+__all__ += ["LayerError", "layer_errors", "format_table", "write_report"]
