@@ -155,7 +155,7 @@ def test_bundled_example_run_predicts_the_digit():
 
 def test_readme_python_example_runs(monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    code = "\n".join(block.split("```", 1)[0] for block in readme.split("```python\n")[1:])
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
