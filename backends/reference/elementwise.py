@@ -4,6 +4,10 @@ Choices ONNX leaves open:
 - integer `div` truncates toward zero (C semantics); division by zero gives 0 for integers.
 - `cast` from float to integer truncates toward zero; NaN and out-of-range values give the
   storage type's conversion result of numpy (implementation defined, never used by lowbit's passes).
+  Casts to i4/u4 keep the low four bits (two's complement wrap-around), as ONNX's reference does.
+- `mod` with fmod=false on floats takes the divisor's sign like Python's `%` (ONNX requires fmod=true
+  for floats); an integer remainder by zero is 0.
+- `shift_left`/`shift_right` by at least the bit width follow numpy (the storage type's result).
 - `round` rounds half to even, as ONNX specifies.
 - `erf` is computed in float64 with `math.erf` and rounded to the operand's type.
 """
@@ -19,12 +23,15 @@ _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum, "minimum": np.minimum,
     "equal": np.equal, "less": np.less, "greater": np.greater, "less_equal": np.less_equal,
     "greater_equal": np.greater_equal, "logical_and": np.logical_and, "logical_or": np.logical_or,
-    "logical_xor": np.logical_xor,
+    "logical_xor": np.logical_xor, "bitwise_and": np.bitwise_and, "bitwise_or": np.bitwise_or,
+    "bitwise_xor": np.bitwise_xor, "shift_left": np.left_shift, "shift_right": np.right_shift,
 }
 _UNARY = {
     "neg": np.negative, "abs": np.abs, "sign": np.sign, "sqrt": np.sqrt, "exp": np.exp, "log": np.log,
     "tanh": np.tanh, "reciprocal": np.reciprocal, "floor": np.floor, "ceil": np.ceil, "round": np.round,
-    "logical_not": np.logical_not, "sin": np.sin, "cos": np.cos,
+    "logical_not": np.logical_not, "sin": np.sin, "cos": np.cos, "tan": np.tan, "asin": np.arcsin,
+    "acos": np.arccos, "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "asinh": np.arcsinh,
+    "acosh": np.arccosh, "atanh": np.arctanh, "bitwise_not": np.invert,
 }
 
 
@@ -62,6 +69,16 @@ def pow_(attrs, a, b):
     if a.dtype.kind in "iu":
         return np.power(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
     return np.power(a, b)
+
+
+@reference("mod")
+def mod(attrs, a, b):
+    return np.fmod(a, b) if attrs["fmod"] else np.mod(a, b)
+
+
+@reference("prelu")
+def prelu(attrs, x, slope):
+    return np.where(x < 0, x * slope, x)
 
 
 @reference("relu")
@@ -136,6 +153,10 @@ def cast(attrs, x):
     target = attrs["to"]
     if x.dtype.kind == "f" and target.is_integer:
         x = np.trunc(np.nan_to_num(x, nan=0.0))
+    if target.is_integer and target.bits < 8 * target.numpy.itemsize:
+        # Sub-byte storage holds any byte; keep the value in range by wrapping, like a 4-bit register.
+        low = int(target.min)
+        x = ((x.astype(np.int64) - low) & ((1 << target.bits) - 1)) + low
     return x.astype(target.numpy)
 
 
