@@ -35,3 +35,7 @@ class ParseError(LowbitError):
 
 class ArtifactError(LowbitError):
     """A compiled artifact (weights file, manifest, shared library) is corrupt or mismatched."""
+
+
+class TargetError(LowbitError):
+    """A code-generation target is unknown, or code for it cannot run on this machine."""

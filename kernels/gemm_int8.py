@@ -1,0 +1,624 @@
+"""int8 GEMM: C[M, N] (int32) = A[M, K] · B[K, N], generated as LLVM IR for a target.
+
+A holds run-time activations (u8 or i8, row-major); B holds int8 weights known at compile time, packed
+into column panels (`packing.pack_weights`). The result is the raw integer product, optionally plus a
+per-column int32 offset (bias and zero-point terms folded at compile time, see `packing`).
+
+One generator serves every instruction route; a `Route` names the multiply-accumulate step and the
+data shapes it wants:
+
+* `kr` consecutive K values share one i32 accumulator lane per step, so both operands are handled in
+  groups of kr values (`bits` wide each): A's group is broadcast to all lanes, B's groups for `lanes`
+  columns form one vector.
+* 8-bit routes want A unsigned (x86 `vpdpbusd`, `vpmaddubsw`) or signed (ARM `sdot`). Activations of
+  the other signedness are flipped while A is packed (x ^ 0x80 = x ± 128) and the exact correction
+  ∓128·colsum(B) joins the compile-time offset. 16-bit routes widen A by its own sign instead.
+* `vpmaddubsw` sums two u8×s8 products in saturating int16, so that route is chosen only where the
+  known weights (and the activation range) prove no pair sum can exceed int16.
+* Accumulation is modular int32 (no instruction here saturates), exact whenever the true result fits
+  int32, which `plan_gemm` checks from the weights.
+
+The generated function first packs A when the route needs it (flip, widen, or K not a multiple of
+kr; packed rows are zero-padded to whole groups) and otherwise reads the caller's rows in place. It
+then walks column panels (outer, so a panel of B stays in L1) and row tiles (inner); a tile keeps an
+MR × (NV·lanes) block of C in registers over all of K, one A broadcast per row and step. Remainder rows
+use power-of-two tiles, the edge panel is narrower and stores its last vector lane by lane.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+from llvmlite import ir
+
+from lowbit.errors import ShapeError, TargetError
+from lowbit.ir.dtypes import DType
+from lowbit.kernels import llvm as ll
+from lowbit.kernels.llvm import I8, I16, I32, I64, VOID, TargetSpec
+from lowbit.kernels.packing import (ALIGNMENT, PackedWeights, Panel, aligned_empty, column_sums,
+                                    pack_weights)
+
+INT16_MAX = (1 << 15) - 1
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+K_UNROLL = 2  # K groups per loop iteration of a tile
+PACK_CHUNK = 16  # activations converted per vector operation while packing A
+
+# mac(builder, module, acc <lanes x i32>, a <lanes x iG>, b <lanes x iG>) -> acc + Σ a·b per lane
+Mac = Callable[[ir.IRBuilder, ir.Module, ir.Value, ir.Value, ir.Value], ir.Value]
+
+
+def _as(builder: ir.IRBuilder, value: ir.Value, element: ir.Type) -> ir.Value:
+    """`value` reinterpreted as a vector of `element` of the same total width."""
+    count = value.type.count * value.type.element.width // element.width
+    return builder.bitcast(value, ll.vector(element, count))
+
+
+def _intrinsic(builder: ir.IRBuilder, module: ir.Module, name: str, result: ir.Type,
+               *args: ir.Value) -> ir.Value:
+    return builder.call(ll.declare(module, name, result, *(arg.type for arg in args)), list(args))
+
+
+def _mac_vpdpbusd(builder, module, acc, a, b):
+    # i32-vector operands: the form every LLVM since 12 accepts (22 auto-upgrades it to i8 vectors)
+    return _intrinsic(builder, module, f"llvm.x86.avx512.vpdpbusd.{acc.type.count * 32}", acc.type,
+                      acc, a, b)
+
+
+def _mac_pmaddubsw(builder, module, acc, a, b):
+    pairs = _intrinsic(builder, module, "llvm.x86.avx2.pmadd.ub.sw", ll.vector(I16, 16),
+                       _as(builder, a, I8), _as(builder, b, I8))
+    ones = ir.Constant(ll.vector(I16, 16), [1] * 16)
+    quads = _intrinsic(builder, module, "llvm.x86.avx2.pmadd.wd", acc.type, pairs, ones)
+    return builder.add(acc, quads)
+
+
+def _mac_pmaddwd(builder, module, acc, a, b):
+    pairs = _intrinsic(builder, module, "llvm.x86.avx2.pmadd.wd", acc.type,
+                       _as(builder, a, I16), _as(builder, b, I16))
+    return builder.add(acc, pairs)
+
+
+def _mac_sdot(builder, module, acc, a, b):
+    return _intrinsic(builder, module, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, acc,
+                      _as(builder, a, I8), _as(builder, b, I8))
+
+
+def _mac_widen(builder, module, acc, a, b):
+    # plain vector IR (one 16-bit value per lane): AArch64 selects smlal, x86 vpmulld
+    wide = builder.mul(builder.sext(a, acc.type), builder.sext(b, acc.type))
+    return builder.add(acc, wide)
+
+
+@dataclass(frozen=True)
+class Route:
+    """An instruction sequence for the multiply-accumulate step and the data layout it wants."""
+
+    name: str
+    arch: str | None  # None: plain vector IR, any architecture
+    requires: tuple[frozenset[str], ...]  # alternatives: the target must have one of these sets
+    lanes: int  # i32 accumulator lanes per vector
+    kr: int  # K values per lane and step
+    bits: int  # width of packed A and B values: 8 (bytes as the instruction wants) or 16 (extended)
+    a_signed: bool | None  # signedness an 8-bit route wants for A; None for 16-bit routes
+    saturates: bool  # pairs of u8×s8 products saturate at int16
+    tile16: tuple[int, int]  # (MR rows, NV vectors) with 16 vector registers
+    tile32: tuple[int, int]  # ... with 32
+    mac: Mac = field(compare=False)
+
+    def available(self, target: TargetSpec) -> bool:
+        arch_ok = self.arch is None or self.arch == target.arch
+        return arch_ok and (not self.requires or any(needs <= target.features for needs in self.requires))
+
+    def tile(self, target: TargetSpec) -> tuple[int, int]:
+        many = target.arch == "aarch64" or "avx512f" in target.features
+        return self.tile32 if many else self.tile16
+
+    @property
+    def element_bytes(self) -> int:
+        return self.bits // 8
+
+    @property
+    def group_bytes(self) -> int:
+        return self.kr * self.element_bytes
+
+
+def _set(*features: str) -> frozenset[str]:
+    return frozenset(features)
+
+
+# In order of preference: the first available (and exact) route is chosen.
+ROUTES: tuple[Route, ...] = (
+    Route("avx512-vnni", "x86_64", (_set("avx512vnni", "avx512bw"),), 16, 4, 8, False, False,
+          (6, 4), (6, 4), _mac_vpdpbusd),
+    Route("avx-vnni", "x86_64", (_set("avxvnni"), _set("avx512vnni", "avx512vl")), 8, 4, 8, False,
+          False, (4, 3), (6, 4), _mac_vpdpbusd),
+    Route("avx2-maddubs", "x86_64", (_set("avx2"),), 8, 4, 8, False, True, (4, 2), (8, 2),
+          _mac_pmaddubsw),
+    Route("avx2-madd16", "x86_64", (_set("avx2"),), 8, 2, 16, None, False, (4, 2), (8, 2),
+          _mac_pmaddwd),
+    Route("neon-dotprod", "aarch64", (_set("neon", "dotprod"),), 4, 4, 8, True, False, (4, 3), (8, 3),
+          _mac_sdot),
+    Route("widen", None, (), 4, 1, 16, None, False, (4, 2), (8, 2), _mac_widen),
+)
+ROUTE_NAMES = {route.name: route for route in ROUTES}
+
+
+def _activation_dtype(a_dtype: DType | np.dtype | type | str) -> DType:
+    try:
+        dtype = a_dtype if isinstance(a_dtype, DType) else DType.from_numpy(np.dtype(a_dtype))
+    except TypeError:
+        dtype = None
+    if dtype not in (DType.u8, DType.i8):
+        raise ShapeError(f"int8 GEMM: activations must be u8 or i8, not {a_dtype}")
+    return dtype
+
+
+def _activation_range(a_dtype: DType, guarantee_7bit: bool) -> tuple[int, int]:
+    return (0, 127) if guarantee_7bit else (a_dtype.min, a_dtype.max)
+
+
+def _flips(route: Route, a_dtype: DType, guarantee_7bit: bool) -> bool:
+    """Whether A is flipped (x ^ 0x80) on its way to an 8-bit route of the other signedness."""
+    # values in [0, 127] read the same as u8 and as i8
+    return route.a_signed is not None and not guarantee_7bit and route.a_signed != a_dtype.is_signed
+
+
+def _pairs_fit_int16(weights: np.ndarray, a_max: int) -> bool:
+    """Whether u8 values in [0, a_max] times each pair of consecutive weights sum inside int16."""
+    k = weights.shape[0]
+    padded = np.zeros((k + k % 2, weights.shape[1]), dtype=np.int64)
+    padded[:k] = weights
+    pairs = padded.reshape(-1, 2, weights.shape[1])
+    positive = np.clip(pairs, 0, None).sum(axis=1)
+    negative = np.clip(-pairs, 0, None).sum(axis=1)
+    return a_max * int(max(positive.max(initial=0), negative.max(initial=0))) <= INT16_MAX
+
+
+def _exact(route: Route, weights: np.ndarray, guarantee_7bit: bool) -> bool:
+    # after packing, an 8-bit route sees A as u8 in [0, 255], or [0, 127] under the guarantee
+    return not route.saturates or _pairs_fit_int16(weights, 127 if guarantee_7bit else 255)
+
+
+def choose_route(target: TargetSpec, weights: np.ndarray, guarantee_7bit: bool,
+                 forced: str | None = None) -> Route:
+    """The fastest exact route for `target`, or the route named `forced` (checked)."""
+    if forced is not None:
+        route = ROUTE_NAMES.get(forced)
+        if route is None:
+            raise TargetError(f"unknown int8 GEMM route '{forced}'; routes: {', '.join(ROUTE_NAMES)}")
+        if not route.available(target):
+            raise TargetError(f"int8 GEMM route '{forced}' needs features target {target.name} lacks")
+        if not _exact(route, weights, guarantee_7bit):
+            raise TargetError(f"int8 GEMM route '{forced}' would saturate int16 pair sums with these "
+                              f"weights; it needs 7-bit weights or activations guaranteed in [0, 127]")
+        return route
+    for route in ROUTES:
+        if route.available(target) and _exact(route, weights, guarantee_7bit):
+            return route
+    raise TargetError(f"no int8 GEMM route for target {target.name}")  # unreachable: widen fits all
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Everything static about one GEMM: route, tile, packed weights and the folded offset."""
+
+    route: Route
+    k: int
+    n: int
+    a_dtype: DType
+    flip: bool
+    mr: int
+    weights: PackedWeights
+    offset: np.ndarray | None  # int32 [padded columns], or None when nothing is added
+
+    @property
+    def groups(self) -> int:
+        return self.weights.groups
+
+    @property
+    def packs_a(self) -> bool:
+        """Whether A is copied before use: to flip it, widen it or pad K to whole groups. Otherwise
+        the tiles read the caller's rows directly."""
+        return self.flip or self.route.bits != 8 or self.k % self.route.kr != 0
+
+    @property
+    def packed_row_bytes(self) -> int:
+        """Row pitch of packed A: whole groups, rounded up to a cache line."""
+        return -(-self.groups * self.route.group_bytes // ALIGNMENT) * ALIGNMENT
+
+    def panel_bytes(self, panel: Panel) -> int:
+        return self.weights.panel_bytes(panel, self.route.lanes, self.route.kr, self.route.element_bytes)
+
+
+def _check_accumulator_range(weights: np.ndarray, offset: np.ndarray, a_low: int, a_high: int) -> None:
+    """int32 lanes wrap, which is exact as long as every true result fits int32: check that here."""
+    w = weights.astype(np.int64)
+    positive = np.clip(w, 0, None).sum(axis=0)
+    negative = np.clip(-w, 0, None).sum(axis=0)
+    highest = a_high * positive - a_low * negative + offset
+    lowest = a_low * positive - a_high * negative + offset
+    if highest.max(initial=0) > INT32_MAX or lowest.min(initial=0) < INT32_MIN:
+        raise ShapeError(f"int8 GEMM with K={weights.shape[0]}: results (with the offset) can exceed "
+                         f"int32 for activations in [{a_low}, {a_high}]")
+
+
+def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, target: TargetSpec,
+              guarantee_7bit: bool = False, offset: np.ndarray | None = None,
+              route: str | None = None, tile: tuple[int, int] | None = None) -> GemmPlan:
+    """Check the inputs, choose the route and tile, pack the weights and fold the offset.
+
+    `tile` (MR rows, NV vectors) overrides the route's register tile (tests, tuning).
+    """
+    if not isinstance(weights, np.ndarray) or weights.dtype != np.int8 or weights.ndim != 2 \
+            or 0 in weights.shape:
+        described = (f"{weights.dtype} {list(weights.shape)}" if isinstance(weights, np.ndarray)
+                     else type(weights).__name__)
+        raise ShapeError(f"int8 GEMM: weights must be a non-empty 2-D int8 array [K, N], not {described}")
+    dtype = _activation_dtype(a_dtype)
+    k, n = weights.shape
+    chosen = choose_route(target, weights, guarantee_7bit, route)
+    flip = _flips(chosen, dtype, guarantee_7bit)
+    total = np.zeros(n, dtype=np.int64)
+    if offset is not None:
+        offset = np.asarray(offset)
+        if offset.shape != (n,) or not np.issubdtype(offset.dtype, np.integer):
+            raise ShapeError(f"int8 GEMM: offset must be an integer vector of {n} values, "
+                             f"not {offset.dtype} {list(offset.shape)}")
+        total += offset
+    a_low, a_high = _activation_range(dtype, guarantee_7bit)
+    _check_accumulator_range(weights, total, a_low, a_high)
+    if flip:
+        # the kernel computes Σ (a ± 128)·b: + for i8 fed as u8, − for u8 fed as s8
+        total -= (128 if dtype.is_signed else -128) * column_sums(weights)
+    mr, vectors = tile or chosen.tile(target)
+    if mr < 1 or vectors < 1:
+        raise ValueError(f"int8 GEMM tile {tile}: rows and vectors must be positive")
+    packed = pack_weights(weights, chosen.lanes, vectors, chosen.kr,
+                          np.int8 if chosen.bits == 8 else np.int16)
+    folded = None
+    if offset is not None or flip:
+        folded = aligned_empty(4 * packed.padded_columns, np.int32)
+        folded[:] = 0
+        folded[:n] = total  # fits int32 modulo 2^32, which is all the wrapping lanes need
+    return GemmPlan(chosen, k, n, dtype, flip, mr, packed, folded)
+
+
+class _Emitter:
+    """Writes the functions of one GEMM into a module."""
+
+    def __init__(self, module: ir.Module, plan: GemmPlan, name: str) -> None:
+        self.module, self.plan, self.name = module, plan, name
+        route = plan.route
+        self.group = ir.IntType(route.group_bytes * 8)  # one group of kr values
+        self.acc_type = ll.vector(I32, route.lanes)
+        self.group_vec = ll.vector(self.group, route.lanes)
+        self.ptr = I8.as_pointer()
+        self.tiles: dict[tuple[int, int, int], ir.Function] = {}
+
+    # -- packing A ------------------------------------------------------------------------------
+    def _convert(self, builder: ir.IRBuilder, values: ir.Value) -> ir.Value:
+        """Activations (i8 vector) as the route wants them: flipped and/or widened to i16."""
+        plan = self.plan
+        if plan.flip:
+            values = builder.xor(values, ir.Constant(values.type, [0x80] * values.type.count))
+        if plan.route.bits == 16:
+            extend = builder.sext if plan.a_dtype.is_signed else builder.zext
+            values = extend(values, ll.vector(I16, values.type.count))
+        return values
+
+    def _emit_pack(self) -> ir.Function:
+        """pack(a, lda, rows, dst): rows of A → rows of `packed_row_bytes` at dst, K zero-padded."""
+        plan, route = self.plan, self.plan.route
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, I64, self.ptr]),
+                         f"{self.name}.pack_a")
+        fn.linkage = "internal"
+        a, lda, rows, packed = fn.args
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        chunk, size = PACK_CHUNK, route.element_bytes
+        element = I8 if route.bits == 8 else I16
+
+        def row_body(builder, r, _):
+            source = builder.gep(a, [builder.mul(r, lda)])
+            target = builder.gep(packed, [builder.mul(r, ir.Constant(I64, plan.packed_row_bytes))])
+
+            def chunk_body(builder, i, _):
+                at = builder.mul(i, ir.Constant(I64, chunk))
+                values = builder.load(ll.pointer_at(builder, source, at, ll.vector(I8, chunk)), align=1)
+                builder.store(self._convert(builder, values),
+                              ll.pointer_at(builder, target, builder.mul(at, ir.Constant(I64, size)),
+                                            ll.vector(element, chunk)), align=1)
+
+            ll.counted_loop(builder, ir.Constant(I64, plan.k // chunk), "c", body=chunk_body)
+            for index in range(plan.k - plan.k % chunk, plan.groups * route.kr):
+                if index < plan.k:
+                    value = builder.load(builder.gep(source, [ir.Constant(I64, index)]))
+                    value = builder.extract_element(
+                        self._convert(builder, builder.insert_element(
+                            ir.Constant(ll.vector(I8, 1), ir.Undefined), value, ir.Constant(I32, 0))),
+                        ir.Constant(I32, 0))
+                else:
+                    value = ir.Constant(element, 0)  # K padding: B is zero there, zero keeps it tidy
+                builder.store(value, ll.pointer_at(builder, target, index * size, element), align=1)
+
+        ll.counted_loop(builder, rows, "r", body=row_body)
+        builder.ret_void()
+        return fn
+
+    # -- row blocks ---------------------------------------------------------------------------
+    def _row_blocks(self, builder: ir.IRBuilder, m: ir.Value,
+                    visit: Callable[[ir.IRBuilder, int, ir.Value], None]) -> None:
+        """Call visit(builder, rows, first_row) for every block of rows: full MR tiles, then the
+        remainder as power-of-two blocks (4, 2, 1 rows …) so that few tile variants cover every M."""
+        mr = ir.Constant(I64, self.plan.mr)
+        full_tiles = builder.sdiv(m, mr)
+        ll.counted_loop(builder, full_tiles, "m",
+                        body=lambda builder, t, _: visit(builder, self.plan.mr, builder.mul(t, mr)))
+        rest = builder.srem(m, mr)
+        base = builder.mul(full_tiles, mr)
+        for rows in remainder_blocks(self.plan.mr):
+            with builder.if_then(builder.icmp_signed("!=", builder.and_(rest, ir.Constant(I64, rows)),
+                                                     ir.Constant(I64, 0))):
+                before = builder.and_(rest, ir.Constant(I64, ~(2 * rows - 1)))  # the larger blocks
+                visit(builder, rows, builder.add(base, before))
+
+    # -- the register tile ----------------------------------------------------------------------
+    def tile(self, rows: int, panel: Panel) -> ir.Function:
+        """The micro-kernel for `rows` rows of one panel shape (full panels share one)."""
+        key = (rows, panel.vectors, panel.valid)
+        if key not in self.tiles:
+            self.tiles[key] = self._emit_tile(*key)
+        return self.tiles[key]
+
+    def _emit_tile(self, rows: int, vectors: int, valid: int) -> ir.Function:
+        """tile(a, lda, b, offset, c, ldc): C[rows, panel] = A[rows, :]·B panel (+ offset)."""
+        plan, route = self.plan, self.plan.route
+        lanes, gb = route.lanes, route.group_bytes
+        i32p = I32.as_pointer()
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, self.ptr, i32p, i32p, I64]),
+                         f"{self.name}.tile{rows}x{vectors}.{valid}")
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")  # compiled once, called from each row block
+        a, lda, b, offset, c, ldc = fn.args
+        for arg in (a, b, offset, c):
+            arg.add_attribute("noalias")
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        initial = []
+        for v in range(vectors):
+            if plan.offset is None:
+                initial.append(ir.Constant(self.acc_type, [0] * lanes))
+            else:
+                at = builder.bitcast(builder.gep(offset, [ir.Constant(I64, v * lanes)]),
+                                     self.acc_type.as_pointer())
+                initial.append(builder.load(at, align=4))
+        accs = [value for _ in range(rows) for value in initial]  # row-major [rows][vectors]
+        a_rows = [builder.gep(a, [builder.mul(ir.Constant(I64, r), lda)]) for r in range(rows)]
+        b_step = vectors * lanes * gb
+
+        def step(builder: ir.IRBuilder, g: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
+            b_row = builder.gep(b, [builder.mul(g, ir.Constant(I64, b_step))])
+            a_at = builder.mul(g, ir.Constant(I64, gb))
+            # panels start 64-byte aligned and are whole vectors long
+            weights = [builder.load(ll.pointer_at(builder, b_row, v * lanes * gb, self.group_vec),
+                                    align=min(lanes * gb, ALIGNMENT)) for v in range(vectors)]
+            out = []
+            for r in range(rows):
+                group = builder.load(ll.pointer_at(builder, a_rows[r], a_at, self.group), align=1)
+                broadcast = ll.splat(builder, group, lanes)
+                out += [route.mac(builder, self.module, accs[r * vectors + v], broadcast, weights[v])
+                        for v in range(vectors)]
+            return out
+
+        def unrolled(builder, i, accs):
+            for u in range(K_UNROLL):
+                accs = step(builder, builder.add(builder.mul(i, ir.Constant(I64, K_UNROLL)),
+                                                 ir.Constant(I64, u)), accs)
+            return accs
+
+        accs = ll.counted_loop(builder, ir.Constant(I64, plan.groups // K_UNROLL), "k", accs, unrolled)
+        for g in range(plan.groups - plan.groups % K_UNROLL, plan.groups):
+            accs = step(builder, ir.Constant(I64, g), accs)
+        self._store(builder, accs, rows, vectors, valid, c, ldc)
+        builder.ret_void()
+        return fn
+
+    def _store(self, builder: ir.IRBuilder, accs: list[ir.Value], rows: int, vectors: int, valid: int,
+               c: ir.Value, ldc: ir.Value) -> None:
+        lanes = self.plan.route.lanes
+        for r in range(rows):
+            row = builder.gep(c, [builder.mul(ir.Constant(I64, r), ldc)])
+            for v in range(vectors):
+                acc, first = accs[r * vectors + v], v * lanes
+                if first + lanes <= valid:
+                    at = builder.bitcast(builder.gep(row, [ir.Constant(I64, first)]),
+                                         self.acc_type.as_pointer())
+                    builder.store(acc, at, align=4)
+                    continue
+                for lane in range(valid - first):  # the edge vector, lane by lane
+                    value = builder.extract_element(acc, ir.Constant(I32, lane))
+                    builder.store(value, builder.gep(row, [ir.Constant(I64, first + lane)]), align=4)
+
+    # -- the entry point ------------------------------------------------------------------------
+    def emit(self) -> ir.Function:
+        """`name(a, lda, m, scratch, b, offset, c, ldc)`: C[m, N] = A[m, K]·B (+ offset).
+
+        `scratch` holds m · packed_row_bytes bytes when the plan packs A (unused otherwise).
+        """
+        plan, route = self.plan, self.plan.route
+        i32p = I32.as_pointer()
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, I64, self.ptr, self.ptr,
+                                                             i32p, i32p, I64]), self.name)
+        a, lda, m, scratch, b, offset, c, ldc = fn.args
+        builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        if plan.packs_a:
+            builder.call(self._emit_pack(), [a, lda, m, scratch])
+            a, lda = scratch, ir.Constant(I64, plan.packed_row_bytes)
+
+        def panel_rows(builder: ir.IRBuilder, panel: Panel, b: ir.Value, column: ir.Value) -> None:
+            offset_at, c_at = builder.gep(offset, [column]), builder.gep(c, [column])
+
+            def tile_rows(builder, rows: int, first: ir.Value) -> None:
+                builder.call(self.tile(rows, panel), [builder.gep(a, [builder.mul(first, lda)]), lda, b,
+                                                      offset_at, builder.gep(c_at, [builder.mul(first, ldc)]),
+                                                      ldc])
+
+            self._row_blocks(builder, m, tile_rows)
+
+        panels = plan.weights.panels
+        width = panels[0].vectors * route.lanes
+        full = [panel for panel in panels if panel.valid == width]  # all but an edge panel
+        if full:
+            panel_bytes = ir.Constant(I64, plan.panel_bytes(full[0]))
+            ll.counted_loop(builder, ir.Constant(I64, len(full)), "n", body=lambda builder, p, _: panel_rows(
+                builder, full[0], builder.gep(b, [builder.mul(p, panel_bytes)]),
+                builder.mul(p, ir.Constant(I64, width))))
+        for panel in panels[len(full):]:  # the edge panel
+            b_start = len(full) * plan.panel_bytes(full[0]) if full else 0
+            panel_rows(builder, panel, builder.gep(b, [ir.Constant(I64, b_start)]),
+                       ir.Constant(I64, panel.start))
+        builder.ret_void()
+        return fn
+
+
+def remainder_blocks(mr: int) -> list[int]:
+    """Power-of-two block heights, largest first, that sum to any remainder in [0, mr)."""
+    return [1 << bit for bit in reversed(range((mr - 1).bit_length()))]
+
+
+def emit_gemm(module: ir.Module, plan: GemmPlan, name: str) -> ir.Function:
+    """Add the GEMM `name` (and its internal helpers `name.*`) to `module`."""
+    return _Emitter(module, plan, name).emit()
+
+
+# C type of the generated entry point (see `_Emitter.emit`)
+SIGNATURE = "void(*)(uint8_t *, int64_t, int64_t, uint8_t *, uint8_t *, int32_t *, int32_t *, int64_t)"
+
+
+class Int8Gemm:
+    """C = A·B (+ offset) for fixed int8 weights B [K, N], compiled for `target`.
+
+    `guarantee_7bit`: the quantizer guarantees activations lie in [0, 127], which lets the saturating
+    AVX2 `vpmaddubsw` route be exact for any weights (weights are known here, so 7-bit weights are
+    recognised without the flag) and spares the sign flip on 8-bit routes. `route` forces a route by
+    name (tests, benchmarks); by default the fastest exact one for the target is chosen. Code is
+    JIT-compiled on the first `run`; `assembly()` works for any target.
+    """
+
+    def __init__(self, weights: np.ndarray, a_dtype: DType | np.dtype | type | str, target: TargetSpec,
+                 guarantee_7bit: bool = False, offset: np.ndarray | None = None, route: str | None = None,
+                 tile: tuple[int, int] | None = None, name: str = "lowbit_gemm_int8") -> None:
+        self.plan = plan_gemm(weights, a_dtype, target, guarantee_7bit, offset, route, tile)
+        self.target, self.name = target, name
+        self.module = ll.new_module(name, target)
+        emit_gemm(self.module, self.plan, name)
+        self._function = None
+        self._lock = threading.Lock()
+        self._scratch_cache = threading.local()
+        self.compile_seconds: float | None = None
+
+    @property
+    def route(self) -> str:
+        return self.plan.route.name
+
+    def assembly(self) -> str:
+        return ll.emit_assembly(self.module, self.target, hand_vectorized=True)
+
+    def object_code(self) -> bytes:
+        return ll.emit_object(self.module, self.target, hand_vectorized=True)
+
+    def _compiled(self):
+        with self._lock:
+            if self._function is None:
+                self._jit = ll.JitModule(self.module, self.target, hand_vectorized=True)
+                self.compile_seconds = self._jit.compile_seconds
+                self._weights = ll.FFI.from_buffer("uint8_t[]", self.plan.weights.data)
+                self._offset = (ll.FFI.from_buffer("int32_t[]", self.plan.offset)
+                                if self.plan.offset is not None else ll.FFI.NULL)
+                self._function = self._jit.cffi_function(self.name, SIGNATURE)
+        return self._function
+
+    def _check(self, a: np.ndarray) -> np.ndarray:
+        plan = self.plan
+        if not isinstance(a, np.ndarray):
+            raise ShapeError(f"int8 GEMM: activations must be a numpy array, not {type(a).__name__}")
+        if a.dtype != plan.a_dtype.numpy or a.ndim != 2 or a.shape[1] != plan.k:
+            kind = DType.from_numpy(a.dtype) if a.dtype.kind in "iuf" and a.dtype.itemsize <= 8 else a.dtype
+            raise ShapeError(f"int8 GEMM: activations must be {plan.a_dtype} [M, {plan.k}], "
+                             f"not {kind} {list(a.shape)}")
+        if a.strides[1] != 1 or a.strides[0] < 0:
+            a = np.ascontiguousarray(a)
+        return a
+
+    def _output(self, m: int, out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return np.empty((m, self.plan.n), dtype=np.int32)
+        if not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (m, self.plan.n) \
+                or not out.flags.c_contiguous:
+            described = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ShapeError(f"int8 GEMM: out must be a C-contiguous int32 [{m}, {self.plan.n}] array, "
+                             f"not {described}")
+        return out
+
+    def _scratch(self, nbytes: int, source: int) -> np.ndarray:
+        """Packed-A space, kept per calling thread: fresh large buffers cost page faults every call."""
+        cached = getattr(self._scratch_cache, "buffer", None)
+        if cached is None or cached.nbytes < nbytes or (cached.ctypes.data - source) % 4096 < 256:
+            cached = self._scratch_cache.buffer = _scratch(nbytes, source)
+        return cached
+
+    def run(self, a: np.ndarray, num_threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+        """int32 [M, N] (into `out` if given); `num_threads` > 1 splits the rows over Python threads
+        (the calls release the GIL)."""
+        a = self._check(a)
+        plan, function = self.plan, self._function or self._compiled()
+        m, n = a.shape[0], plan.n
+        c = self._output(m, out)
+        if m == 0:
+            return c
+        a_at = (ll.FFI.from_buffer("uint8_t[]", a) if a.flags.c_contiguous
+                else ll.FFI.cast("uint8_t *", a.ctypes.data))  # rows with gaps: no buffer protocol
+        lda, c_at = a.strides[0], ll.FFI.from_buffer("int32_t[]", c)
+        pitch = plan.packed_row_bytes if plan.packs_a else 0
+        scratch_at = ll.FFI.from_buffer("uint8_t[]", self._scratch(m * pitch, a.ctypes.data)) if pitch \
+            else ll.FFI.NULL
+        if num_threads <= 1:
+            function(a_at, lda, m, scratch_at, self._weights, self._offset, c_at, n)
+            return c
+
+        def rows(first: int, last: int) -> None:
+            function(a_at + first * lda, lda, last - first, scratch_at + first * pitch if pitch else scratch_at,
+                     self._weights, self._offset, c_at + first * n, n)
+
+        bounds = _row_split(m, plan.mr, num_threads)
+        others = [_pool().submit(rows, first, last) for first, last in zip(bounds[1:-1], bounds[2:])]
+        rows(bounds[0], bounds[1])
+        for other in others:
+            other.result()
+        return c
+
+
+@lru_cache(maxsize=None)
+def _pool() -> ThreadPoolExecutor:
+    """Worker threads for `Int8Gemm.run(num_threads > 1)`, started once."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="lowbit-gemm")
+
+
+def _scratch(nbytes: int, source: int) -> np.ndarray:
+    """A buffer half a page away from `source` modulo 4096 (so 64-byte aligned when source is): copies
+    whose destination trails the source by a few bytes modulo 4 KiB run many times slower."""
+    raw = np.empty(nbytes + 4096, dtype=np.uint8)
+    start = (source + 2048 - raw.ctypes.data) % 4096
+    return raw[start:start + nbytes]
+
+
+def _row_split(m: int, mr: int, parts: int) -> list[int]:
+    """Row boundaries splitting m rows into at most `parts` chunks of whole MR tiles."""
+    tiles = -(-m // mr)
+    parts = max(1, min(parts, tiles))
+    bounds = [min(m, (tiles * i // parts) * mr) for i in range(parts + 1)]
+    bounds[-1] = m
+    return bounds
