@@ -14,16 +14,23 @@ from lowbit.ir import Graph, load, verify
 
 
 def import_onnx(model, *, batch_size: int | None = None, dims: Mapping[str, int] | None = None,
-                constant_inputs: Mapping[str, np.ndarray] | None = None) -> Graph:
+                constant_inputs: Mapping[str, np.ndarray] | None = None, realize: bool = True) -> Graph:
     """Import an ONNX model (path, bytes or `onnx.ModelProto`) into a verified lowbit graph.
 
     Shapes become static: a symbolic or unknown first dimension of an input is the batch, bound to
     `batch_size` (default 1, recorded in `graph.metadata`); other symbolic dimensions are bound by
     `dims`. Subgraphs that compute shapes are folded into constants by the reference interpreter.
+    A model quantized by another tool (QuantizeLinear/DequantizeLinear pairs, QLinearConv, …) becomes
+    lowbit's integer ops (`qconv2d`, `qlinear`, …); `realize=False` keeps the quantize/dequantize form,
+    which computes exactly what ONNX Runtime computes for the QDQ model.
     """
     graph = import_model(model, batch_size=batch_size, dims=dims, constant_inputs=constant_inputs,
                          fold=evaluate_node)
     verify(graph)
+    if realize and any(node.op in ("quantize", "dequantize") for node in graph.nodes):
+        from lowbit.passes import PassManager
+
+        PassManager("remove-noops,fuse-epilogue,realize-quantization,dce").run(graph)
     return graph
 
 
@@ -55,6 +62,15 @@ def quantize(graph: Graph, calibration=None, **options) -> Graph:
     from lowbit.passes.quantize import quantize as _quantize
 
     return _quantize(graph, calibration, **options)
+
+
+def export_onnx(graph: Graph, path, *, opset: int = 17):
+    """Write `graph` as a standard ONNX model (opset 13 to the newest the onnx package knows): float ops as
+    their ONNX counterparts, quantized parts in the QDQ form that ONNX Runtime fuses into integer kernels.
+    Returns the onnx.ModelProto."""
+    from lowbit.backends.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(graph, path, opset=opset)
 
 
 def compile(graph: Graph, target: str = "host", num_threads: int = 1):

@@ -31,10 +31,11 @@ def fold_constants(graph: Graph, *, max_elements: int = 1 << 24) -> bool:
     """Evaluate nodes whose operands are all constants with the reference interpreter; keep the results.
 
     Results larger than `max_elements` stay computed at run time (e.g. an Expand to a huge tensor).
+    `dequantize` is never folded: a quantized weight stays an integer constant for integer ops.
     """
     changed = False
     for node in graph.iter_nodes():
-        if "pure" not in get_op(node.op).traits:
+        if "pure" not in get_op(node.op).traits or node.op == "dequantize":
             continue
         operands = [constant_value(v) if v is not None else None for v in node.inputs]
         if any(v is not None and data is None for v, data in zip(node.inputs, operands)):

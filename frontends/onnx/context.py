@@ -70,7 +70,8 @@ class ConvertContext:
             results = self.fold(node, operands)
             for index in range(len(node.inputs)):
                 node.set_input(index, None)
-            return [self.graph.add_constant(array, name=f"{name}.{i}" if len(results) > 1 else name)
+            return [self.graph.add_constant(array, name=f"{name}.{i}" if len(results) > 1 else name,
+                                            type=node.outputs[i].type)  # keeps `quant` of a folded quantize
                     for i, array in enumerate(results)]
         node.graph = self.graph
         self.graph.nodes.append(node)

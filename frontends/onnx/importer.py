@@ -10,7 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.errors import LowbitError, ModelFormatError, ShapeError, UnsupportedOpError
-from lowbit.frontends.onnx import elementwise, nn, tensor  # noqa: F401  (fill the converter table)
+from lowbit.frontends.onnx import elementwise, nn, quantized, tensor  # noqa: F401  (fill the converter table)
 from lowbit.frontends.onnx.context import ConvertContext, FoldFn, OnnxNode
 from lowbit.frontends.onnx.dtypes import element_type
 from lowbit.frontends.onnx.registry import CONVERTERS
@@ -94,13 +94,18 @@ class _Importer:
         graph_proto = self.proto.graph
         initializer_names = {t.name for t in graph_proto.initializer}
         for tensor in graph_proto.initializer:
-            self.values[tensor.name] = self.graph.add_constant(self._tensor_data(tensor), tensor.name)
+            data = self._tensor_data(tensor)  # typed by the initializer: int4 is stored in int8 arrays
+            dtype = element_type(tensor.data_type, f"initializer '{tensor.name}'")
+            self.values[tensor.name] = self.graph.add_constant(data, tensor.name, TensorType(data.shape, dtype))
         for info in graph_proto.input:
             if info.name in initializer_names:
                 continue
             if info.name in self.constant_inputs:
-                self.values[info.name] = self.graph.add_constant(np.asarray(self.constant_inputs[info.name]),
-                                                                 info.name)
+                data = np.asarray(self.constant_inputs[info.name])
+                dtype = element_type(info.type.tensor_type.elem_type, f"graph input '{info.name}'")
+                # The declared type where the data is its storage (int4 data comes in int8 arrays).
+                typed = TensorType(data.shape, dtype) if data.dtype == dtype.numpy else None
+                self.values[info.name] = self.graph.add_constant(data, info.name, typed)
                 continue
             self.values[info.name] = self.graph.add_input(info.name, self._input_type(info))
         for node_proto in self._topological(graph_proto):
@@ -188,10 +193,12 @@ class _Importer:
                                        f"optional output its producer does not provide")
             inputs.append(self.values[name] if name else None)
         node = OnnxNode(node_proto, inputs, self.opset)
-        if node_proto.domain not in DEFAULT_DOMAINS:
-            raise UnsupportedOpError(f"{node.describe()}: domain '{node_proto.domain}' is not supported; "
-                                     f"lowbit imports the default ONNX domain")
-        convert = CONVERTERS.get(node.op_type)
+        default_domain = node_proto.domain in DEFAULT_DOMAINS
+        convert = CONVERTERS.get(node.op_type if default_domain else f"{node_proto.domain}.{node.op_type}")
+        if convert is None and not default_domain:
+            raise UnsupportedOpError(f"{node.describe()}: op '{node.op_type}' of domain '{node_proto.domain}' is "
+                                     f"not supported; lowbit imports the default ONNX domain and a few "
+                                     f"com.microsoft quantized ops")
         if convert is None:
             nearest = _nearest_supported(node.op_type)
             hint = f"; nearest supported: {nearest}" if nearest else ""

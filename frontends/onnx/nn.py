@@ -218,6 +218,13 @@ def gemm(ctx: ConvertContext, node: OnnxNode) -> Value:
     if node.attr("transA", 0):
         a = _transposed(ctx, a, ".transA")
     weight_data = constant_value(b)
+    run_time_weight = weight_data is None and node.attr("transB", 0) and alpha == 1.0
+    if run_time_weight and c is not None and beta == 1.0 and c.type.shape == (b.type.shape[0],):
+        # A run-time [N, K] weight (a dequantized integer weight in a QDQ model) keeps the linear form,
+        # so realizing the quantization can turn it into qlinear.
+        return ctx.emit("linear", [a, b, c])
+    if run_time_weight:
+        return _add_bias(ctx, ctx.emit("linear", [a, b], name_suffix=".linear"), c, beta)
     if weight_data is None:
         product = ctx.emit("matmul", [a, _transposed(ctx, b, ".transB") if node.attr("transB", 0) else b],
                            name_suffix=".matmul")
