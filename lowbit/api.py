@@ -73,6 +73,13 @@ def export_onnx(graph: Graph, path, *, opset: int = 17):
     return _export_onnx(graph, path, opset=opset)
 
 
+def prune(graph: Graph, method: str = "magnitude", *, calibration=None, **options) -> Graph:
+    """A pruned copy of `graph` (see `lowbit.passes.prune.prune` and docs/pruning.md)."""
+    from lowbit.passes.prune import prune as _prune
+
+    return _prune(graph, method, calibration=calibration, **options)
+
+
 def compile(graph: Graph, target: str = "host", num_threads: int = 1):
     """Compile `graph` to native code for `target` (`"host"`, or a name such as `"x86_64-avx2"`);
     the result's `.run(feeds)` returns outputs by name, like `run_reference`."""

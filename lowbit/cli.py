@@ -90,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write per-layer SQNR and max error (report.json, report.png) to DIR")
     quantize.set_defaults(handler=cmd_quantize)
 
+    prune = commands.add_parser("prune", help="prune weights (magnitude, random, N:M, block) or conv filters",
+                                description="Prune a model (with the SparseGPT weight update when calibration data "
+                                            "is given); save it as .lbir.")
+    add_model(prune)
+    prune.add_argument("--method", "-m", action="append", required=True, metavar="SPEC",
+                       help="magnitude:SPARSITY[:layer|global], random:SPARSITY[:SEED], nm:N:M, block:RxC:SPARSITY "
+                            "or filters:RATIO (repeat to apply several in order)")
+    prune.add_argument("--calibration", "-c", metavar="CALIB.npz",
+                       help="one array per input name; turns on the weight update")
+    prune.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
+                       help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    prune.add_argument("--no-update", action="store_true",
+                       help="with --calibration: no weight update (errors still reported)")
+    prune.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_OP", help="leave dense (repeatable)")
+    prune.add_argument("--override", action="append", default=[], metavar="NODE=SPARSITY",
+                       help="per-layer sparsity or ratio; 0 = dense")
+    prune.add_argument("--sparsify", action="store_true", help="then mark sparse weights with sparse layouts")
+    prune.add_argument("--output", "-o", metavar="OUT.lbir", required=True)
+    prune.set_defaults(handler=cmd_prune)
+
     passes = commands.add_parser("passes", help="list the registered passes and named pipelines",
                                  description="List every registered pass with its options, and the named pipelines.")
     passes.set_defaults(handler=cmd_passes)
@@ -143,17 +163,11 @@ def cmd_opt(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from lowbit.passes.quantize import format_table, layer_errors, load_calibration_npz, write_report
+    from lowbit.passes.quantize import format_table, layer_errors, write_report
     from lowbit.passes.quantize.quantizer import prepare
 
     graph = load_model(args)
-    names = {}
-    for spec in args.calibration_array:
-        key, sep, array = spec.partition("=")
-        if not sep:
-            raise CliError(f"--calibration-array needs INPUT=ARRAY, got '{spec}'")
-        names[key] = array
-    calibration = load_calibration_npz(args.calibration, graph, names=names) if args.calibration else None
+    calibration = _calibration(args, graph)
     if calibration is None and (args.mode == "static" or args.report):
         raise CliError("--calibration CALIB.npz is needed for static quantization and for --report")
     options = {"percentile": args.percentile} if args.percentile is not None else {}
@@ -169,6 +183,46 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(format_table(errors))
         for path in write_report(errors, args.report):
             print(f"wrote {path}")
+
+
+def _calibration(args: argparse.Namespace, graph: Graph):
+    """Batches of calibration feeds from --calibration (and --calibration-array), or None."""
+    from lowbit.passes.quantize import load_calibration_npz
+
+    if not args.calibration:
+        return None
+    names = {}
+    for spec in args.calibration_array:
+        key, sep, array = spec.partition("=")
+        if not sep:
+            raise CliError(f"--calibration-array needs INPUT=ARRAY, got '{spec}'")
+        names[key] = array
+    return load_calibration_npz(args.calibration, graph, names=names)
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from lowbit.passes.prune import format_summary, parse_prune_spec
+
+    for spec in args.method:
+        parse_prune_spec(spec)  # bad specs fail before any work
+    graph = load_model(args)
+    calibration = _calibration(args, graph)
+    overrides = {}
+    for item in args.override:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            raise CliError(f"--override needs NODE=SPARSITY, got '{item}'")
+        overrides[name] = value
+    pruned = graph
+    for spec in args.method:
+        pruned = lowbit.prune(pruned, spec, calibration=calibration, update=False if args.no_update else None,
+                              exclude=args.exclude, overrides=overrides or None)
+    if args.sparsify:
+        pruned = lowbit.optimize(pruned, "sparsify")
+    lowbit.ir.save(pruned, args.output)
+    print(format_summary(pruned))
+    print(f"wrote {args.output}: weights {_format_bytes(graph.parameter_bytes())} -> "
+          f"{_format_bytes(pruned.parameter_bytes())}")
 
 
 def cmd_passes(args: argparse.Namespace) -> None:

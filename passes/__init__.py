@@ -4,6 +4,7 @@ Write a pass as a function `fn(graph, *, option=default) -> bool` decorated with
 or as a frozen dataclass subclassing `Pass`; see docs/writing-a-pass.md.
 """
 from lowbit.passes import cleanup, fusion, transformer  # noqa: F401  (registers the built-in passes)
+from lowbit.passes import prune, quantize  # noqa: F401,E402  (registers the pruning and quantization passes)
 from lowbit.passes.manager import (PIPELINES, PassManager, PassTiming, PassVerificationError, parse_pipeline,
                                    register_pipeline)
 from lowbit.passes.registry import Pass, PassError, get_pass, make_pass, register, registered_passes

@@ -209,3 +209,16 @@ def test_quantize_static_without_calibration_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("lowbit: error: --calibration CALIB.npz is needed for static quantization "
                                      "and for --report")
+
+
+def test_prune_with_calibration_prints_the_summary(tmp_path):
+    data = ROOT / "tests" / "data"
+    out = tmp_path / "pruned.lbir"
+    result = lowbit_cli("prune", str(data / "digits_cnn.onnx"), "-m", "magnitude:0.5", "-c",
+                        str(data / "digits_calib.npz"), "--calibration-array", "input=x", "--sparsify", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "/conv2/Conv" in result.stdout and "sparsegpt update" in result.stdout and "sparse<" in result.stdout
+    ran = lowbit_cli("run", str(out), "--input", str(EXAMPLE_INPUT))
+    assert ran.returncode == 0 and "argmax=[4]" in ran.stdout
+    bad = lowbit_cli("prune", str(data / "digits_cnn.onnx"), "-m", "bogus:1", "-o", str(out))
+    assert bad.returncode == 2 and bad.stderr.startswith("lowbit: error: unknown pruning method 'bogus'")
