@@ -297,9 +297,21 @@ def static_loop(builder: ir.IRBuilder, count: int, name: str, body, carried: Seq
     return counted_loop(builder, ir.Constant(I64, count), name, carried, body)
 
 
-def strip_mine(builder: ir.IRBuilder, start: ir.Value, count: int, lanes: int, name: str, body) -> None:
+def strip_mine(builder: ir.IRBuilder, start: ir.Value, count: int, lanes: int, name: str, body,
+               overlap: bool = False) -> None:
     """`body(builder, index, width)` over the elements [start, start + count): a loop of `lanes`-wide
-    steps, then the remainder as straight-line pieces of halving power-of-two widths (no scalar loop)."""
+    steps, then the remainder as straight-line pieces of halving power-of-two widths (no scalar loop).
+
+    `overlap`: the body is idempotent (it writes what it computes from data it does not write), so the
+    remainder is one more full-width step ending at the last element, overlapping the previous one.
+    """
+    if overlap and count:
+        width = min(lanes, 1 << (count.bit_length() - 1))
+        full = count // width
+        strip_mine(builder, start, full * width, width, name, body)
+        if count % width:
+            body(builder, builder.add(start, ir.Constant(I64, count - width)), width)
+        return
     full = count // lanes
     if full:
         def step(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
@@ -333,3 +345,76 @@ def global_table(module: ir.Module, name: str, element: ir.Type, values: Sequenc
     table.linkage = "internal"
     table.initializer = ir.Constant(array_type, [ir.Constant(element, v) for v in values])
     return table.gep([ir.Constant(I32, 0), ir.Constant(I32, 0)])
+
+
+# -- partial vectors (edges of static extents) ---------------------------------------------------------
+def _pieces(count: int) -> list[tuple[int, int]]:
+    """(offset, width) power-of-two pieces, widest first, that cover [0, count)."""
+    pieces, offset = [], 0
+    while offset < count:
+        width = 1 << ((count - offset).bit_length() - 1)
+        pieces.append((offset, width))
+        offset += width
+    return pieces
+
+
+def store_partial(builder: ir.IRBuilder, value: ir.Value, base: ir.Value, count: int) -> None:
+    """Store the first `count` lanes of vector `value` at `base` (a typed element pointer), touching no
+    element past them: one store when every lane counts, else power-of-two pieces."""
+    lanes = value.type.count
+    if count >= lanes:
+        store_vector(builder, value, base, ir.Constant(I64, 0))
+        return
+    undefined = ir.Constant(value.type, ir.Undefined)
+    for offset, width in _pieces(count):
+        piece = builder.shuffle_vector(value, undefined, const_vector(I32, range(offset, offset + width)))
+        if width == 1:
+            builder.store(builder.extract_element(piece, ir.Constant(I32, 0)),
+                          builder.gep(base, [ir.Constant(I64, offset)]), align=element_bytes(base.type.pointee))
+        else:
+            store_vector(builder, piece, base, ir.Constant(I64, offset))
+
+
+def load_partial(builder: ir.IRBuilder, base: ir.Value, count: int, lanes: int) -> ir.Value:
+    """A `lanes`-wide vector of the `count` elements at `base` (a typed element pointer), the other lanes 0;
+    reads no element past them."""
+    if count >= lanes:
+        return load_vector(builder, base, ir.Constant(I64, 0), lanes)
+    result = ir.Constant(vector(base.type.pointee, lanes), None)
+    for offset, width in _pieces(count):
+        piece = load_vector(builder, base, ir.Constant(I64, offset), width)
+        wide = builder.shuffle_vector(piece, ir.Constant(piece.type, ir.Undefined),
+                                      const_vector(I32, [min(i, width - 1) for i in range(lanes)]))
+        mask = [lanes + i - offset if offset <= i < offset + width else i for i in range(lanes)]
+        result = builder.shuffle_vector(result, wide, const_vector(I32, mask))
+    return result
+
+
+# -- object code for linking (AOT artifacts) --------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _linking_target_machine(triple: str, cpu: str, features: str) -> llvm.TargetMachine:
+    _initialize()
+    # The small code model: target machines made for the JIT default to the large one on x86-64, which
+    # addresses every call and table through 64-bit GOT offsets.
+    return llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=3,
+                                                                 reloc="pic", codemodel="small")
+
+
+def emit_linkable_object(module: ir.Module, target: TargetSpec, hand_vectorized: bool = False) -> bytes:
+    """Position-independent object code (small code model) to link into a shared library or program."""
+    compiled = compile_module(module, target, True, hand_vectorized)
+    return _linking_target_machine(target.triple, target.cpu, target.llvm_features).emit_object(compiled)
+
+
+def masked_load(builder: ir.IRBuilder, base: ir.Value, index: ir.Value, mask: Sequence[bool],
+                passthru: ir.Value) -> ir.Value:
+    """`len(mask)` consecutive elements from `base[index]`, reading only where `mask` (known now) is set;
+    the other lanes come from `passthru`. Lanes off the mask may lie outside any allocation."""
+    element = base.type.pointee
+    vector_type = vector(element, len(mask))
+    suffix = type_suffix(vector_type)
+    function = declare(builder.module, f"llvm.masked.load.{suffix}.p0{suffix}", vector_type,
+                       vector_type.as_pointer(), I32, vector(I1, len(mask)), vector_type)
+    pointer = builder.bitcast(builder.gep(base, [index]), vector_type.as_pointer())
+    lanes = ir.Constant(vector(I1, len(mask)), [int(bool(m)) for m in mask])
+    return builder.call(function, [pointer, ir.Constant(I32, element_bytes(element)), lanes, passthru])

@@ -1,6 +1,6 @@
 """lowbit: a model-compression compiler (ONNX import, quantization, pruning, fusion, int8 kernels)."""
 from lowbit import errors
-from lowbit.api import compile, export_onnx, import_onnx, load_graph, optimize, prune, quantize, run_reference
+from lowbit.api import compile, export_onnx, import_onnx, load, load_graph, optimize, prune, quantize, run_reference
 from lowbit.errors import (ArtifactError, InputError, LowbitError, ModelFormatError, ParseError, ShapeError,
                            UnsupportedOpError, VerificationError)
 from lowbit.ir import Graph
@@ -8,7 +8,7 @@ from lowbit.ir import Graph
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "export_onnx", "import_onnx", "load_graph", "optimize", "prune", "quantize", "run_reference", "Graph", "errors",
+    "compile", "export_onnx", "import_onnx", "load", "load_graph", "optimize", "prune", "quantize", "run_reference", "Graph", "errors",
     "LowbitError", "ModelFormatError", "UnsupportedOpError", "ShapeError", "InputError",
     "VerificationError", "ParseError", "ArtifactError",
 ]

@@ -10,7 +10,8 @@ from lowbit.backends.reference import evaluate_node
 from lowbit.backends.reference import run_reference as _run_reference
 from lowbit.errors import ModelFormatError
 from lowbit.frontends.onnx import import_model
-from lowbit.ir import Graph, load, verify
+from lowbit.ir import Graph, verify
+from lowbit.ir import load as load_ir
 
 
 def import_onnx(model, *, batch_size: int | None = None, dims: Mapping[str, int] | None = None,
@@ -40,7 +41,7 @@ def load_graph(source, *, batch_size: int | None = None, dims: Mapping[str, int]
         return source
     path = Path(source)
     if path.suffix == ".lbir":
-        graph = load(path)
+        graph = load_ir(path)
         verify(graph)
         return graph
     if not path.exists():
@@ -86,6 +87,16 @@ def compile(graph: Graph, target: str = "host", num_threads: int = 1):
     from lowbit.backends.native.compiler import compile_graph
 
     return compile_graph(graph, target, num_threads)
+
+
+def load(folder, *, weights=None):
+    """Load an ahead-of-time artifact folder (written by `lowbit compile` or `CompiledModel.export`) through
+    its C interface; the result's `.run(feeds)` returns outputs by name, like `CompiledModel.run`.
+    `weights` overrides the folder's weights.bin. Raises `ArtifactError` for missing, corrupt or
+    mismatched files and for artifacts built for another machine."""
+    from lowbit.artifact import load as load_artifact
+
+    return load_artifact(folder, weights=weights)
 
 
 def run_reference(graph: Graph, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ User errors (any `LowbitError`, unreadable files, bad arguments) print one line,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 import lowbit
+from lowbit.backends.native.target import NAMED_TARGETS
 from lowbit.errors import InputError, LowbitError
 from lowbit.ir import Graph, Value
 
@@ -109,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--sparsify", action="store_true", help="then mark sparse weights with sparse layouts")
     prune.add_argument("--output", "-o", metavar="OUT.lbir", required=True)
     prune.set_defaults(handler=cmd_prune)
+
+    compile_ = commands.add_parser("compile", help="compile a model ahead of time to a C library and weights file",
+                                   description="Compile a model for a target into an artifact folder: model.so (or "
+                                               "model.o), model.h (the C interface), weights.bin, manifest.json.")
+    add_model(compile_)
+    compile_.add_argument("--output", "-o", metavar="DIR", required=True,
+                          help="the artifact folder (created if needed; its files are replaced)")
+    compile_.add_argument("--target", "-t", default="host", choices=["host", *NAMED_TARGETS], metavar="TARGET",
+                          help=f"host (default: this machine) or one of {', '.join(NAMED_TARGETS)}")
+    compile_.add_argument("--emit", choices=("so", "obj"), default="so",
+                          help="a shared library (default) or a relocatable object to link into a program")
+    compile_.add_argument("--pipeline", "-p", help="passes to run first (default: the default pipeline)")
+    compile_.add_argument("--prune", action="append", default=[], metavar="SPEC",
+                          help="prune first, e.g. magnitude:0.9 or nm:2:4 (repeatable; see lowbit prune)")
+    compile_.add_argument("--quantize", choices=("int8", "int7", "dynamic"),
+                          help="quantize after pruning: static int8 (int7: 7-bit weights) or dynamic")
+    compile_.add_argument("--calibration", "-c", metavar="CALIB.npz",
+                          help="calibration data for --quantize (static) and for the pruning update")
+    compile_.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
+                          help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    compile_.set_defaults(handler=cmd_compile)
 
     passes = commands.add_parser("passes", help="list the registered passes and named pipelines",
                                  description="List every registered pass with its options, and the named pipelines.")
@@ -223,6 +246,32 @@ def cmd_prune(args: argparse.Namespace) -> None:
     print(format_summary(pruned))
     print(f"wrote {args.output}: weights {_format_bytes(graph.parameter_bytes())} -> "
           f"{_format_bytes(pruned.parameter_bytes())}")
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    from lowbit.backends.native.aot import export
+    from lowbit.passes.prune import parse_prune_spec
+
+    for spec in args.prune:
+        parse_prune_spec(spec)  # bad specs fail before any work
+    if args.quantize in ("int8", "int7") and not args.calibration:
+        raise CliError(f"--quantize {args.quantize} needs --calibration CALIB.npz")
+    graph = load_model(args)
+    calibration = _calibration(args, graph)
+    graph = lowbit.optimize(graph, args.pipeline or "default")
+    for spec in args.prune:
+        graph = lowbit.prune(graph, spec, calibration=calibration)
+    if args.quantize:
+        graph = lowbit.quantize(graph, calibration, mode="dynamic" if args.quantize == "dynamic" else "static",
+                                weights="int7" if args.quantize == "int7" else "int8")
+    folder = export(graph, args.output, target=args.target, emit=args.emit)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = ", ".join(f"{name} ({_format_bytes((folder / name).stat().st_size)})"
+                      for name in (*manifest["files"].values(), "manifest.json"))
+    target = manifest["target"]
+    print(f"wrote {folder}: {files}")
+    print(f"target {target['name']} ({target['triple']}, {target['cpu']}); "
+          f"{manifest['arena_bytes']:,} bytes of working memory per run")
 
 
 def cmd_passes(args: argparse.Namespace) -> None:

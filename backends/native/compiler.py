@@ -3,8 +3,10 @@ compiled in-process (JIT) and run with numpy arrays."""
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -93,6 +95,13 @@ class CompiledModel:
     def peak_bytes(self) -> int:
         """Bytes of the arena that holds every intermediate value (inputs, outputs, weights apart)."""
         return self.program.arena_bytes
+
+    def export(self, out: str | os.PathLike, *, target: str | Target | None = None, emit: str = "so") -> Path:
+        """Write this model as an ahead-of-time artifact folder: model.so (emit="obj": model.o), model.h,
+        weights.bin, manifest.json; for this model's target unless `target` names another."""
+        from lowbit.backends.native.aot import export  # aot builds on this module
+
+        return export(self, out, target=target, emit=emit)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = check_feeds(self.graph, feeds)

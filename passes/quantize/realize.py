@@ -44,11 +44,14 @@ def _clamp(attrs: dict, activation: str, params: tuple, result: dict) -> dict:
     if activation == "none":
         return attrs
     zero, scale = result["zero_point"], result["scale"]
+    bits = result["bits"] or result["dtype"].bits
+    full_min, full_max = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if result["dtype"].is_signed else (0, (1 << bits) - 1)
     low, high = (0.0, math.inf) if activation == "relu" else params
+    # A bound the calibrated range never reaches (ReLU6 on values below 6) clamps nothing beyond saturation.
     if low > -math.inf:
-        attrs["qmin"] = zero + int(round(low / scale))  # half to even, like quantize
+        attrs["qmin"] = min(max(zero + int(round(low / scale)), full_min), full_max)  # half to even, like quantize
     if high < math.inf:
-        attrs["qmax"] = zero + int(round(high / scale))
+        attrs["qmax"] = max(min(zero + int(round(high / scale)), full_max), full_min)
     return attrs
 
 
