@@ -14,24 +14,13 @@ from llvmlite import ir
 
 from lowbit.errors import UnsupportedOpError
 from lowbit.ir import Graph, Node, Value, constant_value
+from lowbit.ir.tables import OpTable
 
 Lowering = Callable[["LowerContext", Node], None]
-LOWERINGS: dict[str, Lowering] = {}
+LOWERINGS: OpTable[Lowering] = OpTable("native lowering")
+lowering = LOWERINGS.register
 
 BYTE_PTR = ir.IntType(8).as_pointer()
-
-
-def lowering(*ops: str) -> Callable[[Lowering], Lowering]:
-    """Register `fn` as the lowering of each op in `ops`."""
-
-    def decorate(fn: Lowering) -> Lowering:
-        for op in ops:
-            if op in LOWERINGS:
-                raise ValueError(f"op '{op}' already has a native lowering")
-            LOWERINGS[op] = fn
-        return fn
-
-    return decorate
 
 
 @dataclass(eq=False)

@@ -9,9 +9,11 @@ from typing import Callable
 
 import numpy as np
 
+from lowbit.ir.tables import OpTable
+
 ReferenceFn = Callable[..., "np.ndarray | tuple[np.ndarray, ...]"]
 
-IMPLEMENTATIONS: dict[str, ReferenceFn] = {}
+IMPLEMENTATIONS: OpTable[ReferenceFn] = OpTable("reference implementation")
 # Ops whose implementation also takes `types=` (the operands' TensorTypes, None where absent): integer ops
 # read their operands' quantization parameters there.
 TYPED: set[str] = set()
@@ -21,12 +23,8 @@ def reference(*ops: str, typed: bool = False) -> Callable[[ReferenceFn], Referen
     """Register `fn` as the reference implementation of each op in `ops`."""
 
     def decorate(fn: ReferenceFn) -> ReferenceFn:
-        for op in ops:
-            if op in IMPLEMENTATIONS:
-                raise ValueError(f"op '{op}' already has a reference implementation")
-            IMPLEMENTATIONS[op] = fn
-            if typed:
-                TYPED.add(op)
-        return fn
+        if typed:
+            TYPED.update(ops)
+        return IMPLEMENTATIONS.register(*ops)(fn)
 
     return decorate

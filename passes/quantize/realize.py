@@ -8,19 +8,13 @@ from typing import Callable
 
 from lowbit.ir import Graph, Node, TensorType, Value, constant_value
 from lowbit.ir.ops.quantized import fixed_point_attrs
+from lowbit.ir.tables import OpTable
 from lowbit.passes.registry import register
 
 Realizer = Callable[[Graph, Node, list, Node], "Value | None"]
-REALIZERS: dict[str, Realizer] = {}
+REALIZERS: OpTable[Realizer] = OpTable("realizer")
+realizer = REALIZERS.register
 SHARING = ("reshape", "transpose", "slice", "gather", "expand", "tile", "identity")
-
-
-def realizer(*ops: str):
-    def decorate(fn: Realizer) -> Realizer:
-        for op in ops:
-            REALIZERS[op] = fn
-        return fn
-    return decorate
 
 
 def result_attrs(quantize: Node) -> dict:
