@@ -212,6 +212,20 @@ class JitModule:
         self._engine.finalize_object()
         self.compile_seconds = time.perf_counter() - start
 
+    @classmethod
+    def from_object(cls, code: bytes, target: TargetSpec, host: TargetSpec | None = None) -> "JitModule":
+        """Load object code made by `emit_object` for `target` (e.g. from a cache) into this process."""
+        check_runs_here(target, host)
+        jit = cls.__new__(cls)
+        start = time.perf_counter()
+        machine = _new_target_machine(target.triple, target.cpu, target.llvm_features, False)
+        jit._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(f'target triple = "{target.triple}"'), machine)
+        jit._object = llvm.ObjectFileRef.from_data(code)
+        jit._engine.add_object_file(jit._object)
+        jit._engine.finalize_object()
+        jit.compile_seconds = time.perf_counter() - start
+        return jit
+
     def address(self, name: str) -> int:
         address = self._engine.get_function_address(name)
         if not address:

@@ -13,6 +13,7 @@ import numpy as np
 from llvmlite import ir
 
 from lowbit.backends.native import lowerings  # noqa: F401  (fills the lowering table)
+from lowbit.backends.native.cache import CacheEntry, cache_key, load_entry, store_entry
 from lowbit.backends.native.lowering import BYTE_PTR, Buffer, Call, LowerContext, lower_node
 from lowbit.backends.native.memory import layout_weights, plan_arena
 from lowbit.backends.native.target import Target
@@ -20,7 +21,7 @@ from lowbit.backends.reference import check_feeds
 from lowbit.errors import LowbitError
 from lowbit.ir import Graph, verify
 from lowbit.kernels.copy import copy_kernel
-from lowbit.kernels.llvm import JitModule, new_module
+from lowbit.kernels.llvm import JitModule, emit_object, new_module
 
 RUN = "lowbit_run"
 
@@ -79,22 +80,41 @@ class Program:
 class CompiledModel:
     """A graph compiled to native code for this machine; `run(feeds)` returns outputs by name."""
 
-    def __init__(self, graph: Graph, target: Target, num_threads: int = 1) -> None:
+    def __init__(self, graph: Graph, target: Target, num_threads: int = 1, cache: bool = True) -> None:
         start = time.perf_counter()
-        self.program = Program(graph, target)
         self.graph = graph
         self.target = target
         self.num_threads = num_threads
-        self._jit = JitModule(self.program.module, target, Target.host())
+        self._program: Program | None = None
+        key = cache_key(graph, target) if cache else None
+        entry = load_entry(key) if key else None
+        self.from_cache = entry is not None
+        if entry is None:
+            verify(graph)
+            program = self.program
+            entry = CacheEntry(emit_object(program.module, target),
+                               program.weights[:program.weights_bytes].tobytes(), program.arena_bytes)
+            if key:
+                store_entry(key, entry)
+        self.arena_bytes = entry.arena_bytes
+        self.weights = np.frombuffer(entry.weights, np.uint8).copy() if entry.weights else np.zeros(1, np.uint8)
+        self._jit = JitModule.from_object(entry.code, target, Target.host())
         self._run = self._jit.function(RUN, None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_void_p)
         self.compile_seconds = time.perf_counter() - start
         self._local = threading.local()
 
     @property
+    def program(self) -> Program:
+        """The lowered graph (kernel calls, memory plan, LLVM module); rebuilt on demand after a cache hit."""
+        if self._program is None:
+            self._program = Program(self.graph, self.target)
+        return self._program
+
+    @property
     def peak_bytes(self) -> int:
         """Bytes of the arena that holds every intermediate value (inputs, outputs, weights apart)."""
-        return self.program.arena_bytes
+        return self.arena_bytes
 
     def export(self, out: str | os.PathLike, *, target: str | Target | None = None, emit: str = "so") -> Path:
         """Write this model as an ahead-of-time artifact folder: model.so (emit="obj": model.o), model.h,
@@ -109,17 +129,18 @@ class CompiledModel:
         outputs = [np.empty(v.type.shape, v.type.dtype.numpy) for v in self.graph.outputs]
         arena = getattr(self._local, "arena", None)
         if arena is None:  # one arena per calling thread keeps concurrent runs apart
-            arena = self._local.arena = np.empty(max(self.program.arena_bytes, 1), np.uint8)
+            arena = self._local.arena = np.empty(max(self.arena_bytes, 1), np.uint8)
         input_table = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
         output_table = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
         self._run(ctypes.addressof(input_table), ctypes.addressof(output_table), arena.ctypes.data,
-                  self.program.weights.ctypes.data)
+                  self.weights.ctypes.data)
         return dict(zip(self.graph.output_names, outputs))
 
 
-def compile_graph(graph: Graph, target: str | Target = "host", num_threads: int = 1) -> CompiledModel:
+def compile_graph(graph: Graph, target: str | Target = "host", num_threads: int = 1,
+                  cache: bool = True) -> CompiledModel:
     if isinstance(target, str):
         target = Target.parse(target)
     if num_threads < 1:
         raise LowbitError(f"num_threads must be at least 1, got {num_threads}")
-    return CompiledModel(graph, target, num_threads)
+    return CompiledModel(graph, target, num_threads, cache)

@@ -1,0 +1,86 @@
+"""The on-disk cache of compiled models: object code, weights blob and arena size, keyed by a hash of
+the graph, the target and lowbit's own code generator (so an edited kernel never reuses stale code).
+
+The folder is `$LOWBIT_CACHE_DIR`, else `~/.cache/lowbit`; `LOWBIT_CACHE_DIR=off` turns the cache off.
+Entries are written to a temporary name and renamed, so concurrent compiles never see half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import lowbit
+from lowbit.ir import Graph
+
+
+@dataclass
+class CacheEntry:
+    code: bytes
+    weights: bytes
+    arena_bytes: int
+
+
+def cache_dir() -> Path | None:
+    setting = os.environ.get("LOWBIT_CACHE_DIR", "")
+    if setting.lower() == "off":
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "lowbit"
+
+
+@lru_cache(maxsize=None)
+def _generator_digest() -> str:
+    """A hash of the source of everything that generates code, so edits invalidate old entries."""
+    import lowbit.backends.native as native
+    import lowbit.kernels as kernels
+
+    digest = hashlib.sha256(lowbit.__version__.encode())
+    for package in (kernels, native):
+        for path in sorted(Path(package.__file__).parent.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def cache_key(graph: Graph, target) -> str:
+    digest = hashlib.sha256(_generator_digest().encode())
+    digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}".encode())
+    # The summary text names every large constant by a hash of its bytes; hash them fully here.
+    digest.update(str(graph).encode())
+    for constant in graph.constants:
+        digest.update(constant.data.tobytes() if hasattr(constant.data, "tobytes") else b"elided")
+    return digest.hexdigest()[:32]
+
+
+def load_entry(key: str) -> CacheEntry | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    try:
+        meta = json.loads((folder / f"{key}.json").read_text())
+        code = (folder / f"{key}.o").read_bytes()
+        weights = (folder / f"{key}.weights").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if len(code) != meta.get("code_bytes") or len(weights) != meta.get("weights_bytes"):
+        return None  # a damaged entry is recompiled, never used
+    return CacheEntry(code, weights, int(meta["arena_bytes"]))
+
+
+def store_entry(key: str, entry: CacheEntry) -> None:
+    folder = cache_dir()
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"code_bytes": len(entry.code), "weights_bytes": len(entry.weights),
+                "arena_bytes": entry.arena_bytes, "lowbit": lowbit.__version__}
+        for suffix, data in ((".o", entry.code), (".weights", entry.weights), (".json", json.dumps(meta).encode())):
+            with tempfile.NamedTemporaryFile(dir=folder, delete=False) as handle:
+                handle.write(data)
+            os.replace(handle.name, folder / f"{key}{suffix}")
+    except OSError:
+        pass  # a read-only or full disk costs a recompile next time, nothing else
