@@ -22,7 +22,14 @@ The generated function first packs A when the route needs it (flip, widen, or K 
 kr; packed rows are zero-padded to whole groups) and otherwise reads the caller's rows in place. It
 then walks column panels (outer, so a panel of B stays in L1) and row tiles (inner); a tile keeps an
 MR × (NV·lanes) block of C in registers over all of K, one A broadcast per row and step. Remainder rows
-use power-of-two tiles, the edge panel is narrower and stores its last vector lane by lane.
+use power-of-two tiles, the edge panel is narrower and stores only its real columns.
+
+The pieces also build the native backend's integer products inside a model's module (`TileEmitter`,
+`emit_panels`): a tile hands its accumulators to an `Epilogue` (requantization, `kernels.requantize`)
+instead of storing int32; B may be packed at run time, panel by panel, into scratch (`store_groups`,
+`emit_pack_b_panel`: a matmul's second operand, a convolution's im2col panels); and with `swapped`
+operands the broadcast side holds the weights and the packed side the activations (convolutions, whose
+outputs then run along the vector lanes).
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from llvmlite import ir
@@ -288,129 +295,226 @@ def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, targe
     return GemmPlan(chosen, k, n, dtype, flip, mr, packed, folded)
 
 
-class _Emitter:
-    """Writes the functions of one GEMM into a module."""
+# -- activations on their way to a route ---------------------------------------------------------
+def activation_shift(route: Route, a_dtype: DType, guarantee_7bit: bool = False) -> int:
+    """What packing adds to 8-bit activations for `route`: +128 for i8 fed as u8, −128 for u8 fed as
+    s8 (both a flip, x ^ 0x80), 0 when they are used as they are (16-bit routes widen instead)."""
+    if not _flips(route, a_dtype, guarantee_7bit):
+        return 0
+    return 128 if a_dtype.is_signed else -128
 
-    def __init__(self, module: ir.Module, plan: GemmPlan, name: str) -> None:
-        self.module, self.plan, self.name = module, plan, name
-        route = plan.route
+
+def weight_shift(route: Route, dtype: DType) -> int:
+    """What packing adds to 8-bit values on the weights' side of `route` (signed bytes on every 8-bit
+    route): −128 for u8 run-time operands, 0 otherwise."""
+    return -128 if route.bits == 8 and not dtype.is_signed else 0
+
+
+def convert_values(builder: ir.IRBuilder, values: ir.Value, shift: int, bits: int, signed: bool) -> ir.Value:
+    """Bytes (an i8 vector) as a route stores them: flipped when `shift` is ±128, widened by their own
+    sign for 16-bit routes."""
+    if shift:
+        values = builder.xor(values, ir.Constant(values.type, [0x80] * values.type.count))
+    if bits == 16:
+        extend = builder.sext if signed else builder.zext
+        values = extend(values, ll.vector(I16, values.type.count))
+    return values
+
+
+def store_groups(builder: ir.IRBuilder, route: Route, rows: Sequence[ir.Value], target: ir.Value) -> None:
+    """Write one K group of a packed panel at `target`: `route.kr` converted rows of W values each become
+    W groups, row j's value the j-th of group c (the layout `pack_weights` makes).
+
+    Written as LLVM's canonical interleaved store (a shuffle of the concatenated rows with an interleave
+    mask, then one store), which its InterleavedAccess pass turns into unpack sequences on x86 and st2 /
+    st4 on AArch64."""
+    width, factor = rows[0].type.count, len(rows)
+    if factor == 1:
+        value = rows[0]
+    else:
+        pairs = [builder.shuffle_vector(rows[j], rows[j + 1], ll.const_vector(I32, range(2 * width)))
+                 for j in range(0, factor, 2)]
+        value = pairs[0] if factor == 2 else builder.shuffle_vector(
+            pairs[0], pairs[1], ll.const_vector(I32, range(4 * width)))
+        value = builder.shuffle_vector(value, ir.Constant(value.type, ir.Undefined), ll.const_vector(
+            I32, [j * width + c for c in range(width) for j in range(factor)]))
+    builder.store(value, builder.bitcast(target, value.type.as_pointer()), align=1)
+
+
+def emit_pack_a(module: ir.Module, name: str, route: Route, k: int, shift: int, signed: bool,
+                row_bytes: int) -> ir.Function:
+    """`name(a, lda, rows, dst)`: rows of 8-bit A → rows of `row_bytes` at dst as `route` reads them
+    (`convert_values`), K zero-padded to whole groups."""
+    fn = ir.Function(module, ir.FunctionType(VOID, [I8.as_pointer(), I64, I64, I8.as_pointer()]), name)
+    fn.linkage = "internal"
+    a, lda, rows, packed = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    chunk, size = PACK_CHUNK, route.element_bytes
+    element = I8 if route.bits == 8 else I16
+    groups = -(-k // route.kr)
+
+    def convert(builder: ir.IRBuilder, values: ir.Value) -> ir.Value:
+        return convert_values(builder, values, shift, route.bits, signed)
+
+    def row_body(builder, r, _):
+        source = builder.gep(a, [builder.mul(r, lda)])
+        target = builder.gep(packed, [builder.mul(r, ir.Constant(I64, row_bytes))])
+
+        def chunk_body(builder, i, _):
+            at = builder.mul(i, ir.Constant(I64, chunk))
+            values = builder.load(ll.pointer_at(builder, source, at, ll.vector(I8, chunk)), align=1)
+            builder.store(convert(builder, values),
+                          ll.pointer_at(builder, target, builder.mul(at, ir.Constant(I64, size)),
+                                        ll.vector(element, chunk)), align=1)
+
+        ll.counted_loop(builder, ir.Constant(I64, k // chunk), "c", body=chunk_body)
+        for index in range(k - k % chunk, groups * route.kr):
+            if index < k:
+                value = builder.load(builder.gep(source, [ir.Constant(I64, index)]))
+                value = builder.extract_element(
+                    convert(builder, builder.insert_element(
+                        ir.Constant(ll.vector(I8, 1), ir.Undefined), value, ir.Constant(I32, 0))),
+                    ir.Constant(I32, 0))
+            else:
+                value = ir.Constant(element, 0)  # K padding: B is zero there, zero keeps it tidy
+            builder.store(value, ll.pointer_at(builder, target, index * size, element), align=1)
+
+    ll.counted_loop(builder, rows, "r", body=row_body)
+    builder.ret_void()
+    return fn
+
+
+# -- epilogues ------------------------------------------------------------------------------------
+class Epilogue(Protocol):
+    """What a register tile does with its accumulators. The GEMM hands every tile the epilogue's own
+    arguments (`arg_types`, after the tile's), so outputs, tables and run-time sums reach it."""
+
+    arg_types: tuple[ir.Type, ...]
+
+    def emit(self, builder: ir.IRBuilder, accs: list[list[ir.Value]], row0: ir.Value, col0: ir.Value,
+             valid: int, args: Sequence[ir.Value]) -> None:
+        """`accs[r][v]`: the i32 lanes of C[row0 + r, col0 + v·lanes ...]; columns from col0 + valid on
+        are padding."""
+
+
+@dataclass(frozen=True)
+class Int32Store:
+    """The plain GEMM's epilogue: C (int32, row pitch `ldc`) = acc (+ the per-column offset)."""
+
+    lanes: int
+    offset: bool
+    arg_types = (I32.as_pointer(), I32.as_pointer(), I64)  # offset, c, ldc
+
+    def emit(self, builder, accs, row0, col0, valid, args) -> None:
+        offset, c, ldc = args
+        acc_type = accs[0][0].type
+        adds = [builder.load(builder.bitcast(builder.gep(offset, [builder.add(col0, ir.Constant(I64, v * self.lanes))]),
+                                             acc_type.as_pointer()), align=4)
+                for v in range(len(accs[0]))] if self.offset else []
+        for r, row_accs in enumerate(accs):
+            row = builder.gep(c, [builder.add(builder.mul(builder.add(row0, ir.Constant(I64, r)), ldc), col0)])
+            for v, acc in enumerate(row_accs):
+                if adds:
+                    acc = builder.add(acc, adds[v])
+                ll.store_partial(builder, acc, builder.gep(row, [ir.Constant(I64, v * self.lanes)]),
+                                 valid - v * self.lanes)
+
+
+# -- register tiles ---------------------------------------------------------------------------------
+class TileEmitter:
+    """The register tiles of one GEMM in a module: a tile keeps an MR × (NV·lanes) block of C in registers
+    over all of K, one broadcast per row and K group, then runs the epilogue.
+
+    A (the broadcast side) is rows of whole groups with a byte pitch `lda`; B (the vector side) is one
+    packed panel [groups][panel columns][kr]. `swapped`: A holds the weights and B the activations (a
+    convolution's im2col panels), so the operands reach the route's instruction the other way round.
+    """
+
+    def __init__(self, module: ir.Module, name: str, route: Route, groups: int, mr: int, epilogue: Epilogue,
+                 swapped: bool = False, aligned: bool = True) -> None:
+        self.module, self.name, self.route, self.groups, self.mr = module, name, route, groups, mr
+        self.epilogue, self.swapped = epilogue, swapped
+        self.panel_align = min(route.lanes * route.group_bytes, ALIGNMENT) if aligned else 1
         self.group = ir.IntType(route.group_bytes * 8)  # one group of kr values
         self.acc_type = ll.vector(I32, route.lanes)
         self.group_vec = ll.vector(self.group, route.lanes)
         self.ptr = I8.as_pointer()
         self.tiles: dict[tuple[int, int, int], ir.Function] = {}
 
-    # -- packing A ------------------------------------------------------------------------------
-    def _convert(self, builder: ir.IRBuilder, values: ir.Value) -> ir.Value:
-        """Activations (i8 vector) as the route wants them: flipped and/or widened to i16."""
-        plan = self.plan
-        if plan.flip:
-            values = builder.xor(values, ir.Constant(values.type, [0x80] * values.type.count))
-        if plan.route.bits == 16:
-            extend = builder.sext if plan.a_dtype.is_signed else builder.zext
-            values = extend(values, ll.vector(I16, values.type.count))
-        return values
-
-    def _emit_pack(self) -> ir.Function:
-        """pack(a, lda, rows, dst): rows of A → rows of `packed_row_bytes` at dst, K zero-padded."""
-        plan, route = self.plan, self.plan.route
-        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, I64, self.ptr]),
-                         f"{self.name}.pack_a")
-        fn.linkage = "internal"
-        a, lda, rows, packed = fn.args
-        builder = ir.IRBuilder(fn.append_basic_block("entry"))
-        chunk, size = PACK_CHUNK, route.element_bytes
-        element = I8 if route.bits == 8 else I16
-
-        def row_body(builder, r, _):
-            source = builder.gep(a, [builder.mul(r, lda)])
-            target = builder.gep(packed, [builder.mul(r, ir.Constant(I64, plan.packed_row_bytes))])
-
-            def chunk_body(builder, i, _):
-                at = builder.mul(i, ir.Constant(I64, chunk))
-                values = builder.load(ll.pointer_at(builder, source, at, ll.vector(I8, chunk)), align=1)
-                builder.store(self._convert(builder, values),
-                              ll.pointer_at(builder, target, builder.mul(at, ir.Constant(I64, size)),
-                                            ll.vector(element, chunk)), align=1)
-
-            ll.counted_loop(builder, ir.Constant(I64, plan.k // chunk), "c", body=chunk_body)
-            for index in range(plan.k - plan.k % chunk, plan.groups * route.kr):
-                if index < plan.k:
-                    value = builder.load(builder.gep(source, [ir.Constant(I64, index)]))
-                    value = builder.extract_element(
-                        self._convert(builder, builder.insert_element(
-                            ir.Constant(ll.vector(I8, 1), ir.Undefined), value, ir.Constant(I32, 0))),
-                        ir.Constant(I32, 0))
-                else:
-                    value = ir.Constant(element, 0)  # K padding: B is zero there, zero keeps it tidy
-                builder.store(value, ll.pointer_at(builder, target, index * size, element), align=1)
-
-        ll.counted_loop(builder, rows, "r", body=row_body)
-        builder.ret_void()
-        return fn
-
-    # -- row blocks ---------------------------------------------------------------------------
-    def _row_blocks(self, builder: ir.IRBuilder, m: ir.Value,
-                    visit: Callable[[ir.IRBuilder, int, ir.Value], None]) -> None:
+    def row_blocks(self, builder: ir.IRBuilder, m: ir.Value,
+                   visit: Callable[[ir.IRBuilder, int, ir.Value], None]) -> None:
         """Call visit(builder, rows, first_row) for every block of rows: full MR tiles, then the
-        remainder as power-of-two blocks (4, 2, 1 rows …) so that few tile variants cover every M."""
-        mr = ir.Constant(I64, self.plan.mr)
+        remainder as power-of-two blocks (4, 2, 1 rows …) so that few tile variants cover every M.
+        A constant M gets only the blocks it needs."""
+        if isinstance(m, ir.Constant):
+            full, rest = divmod(m.constant, self.mr)
+            if full:
+                ll.static_loop(builder, full, "m", lambda builder, t, c: visit(
+                    builder, self.mr, builder.mul(t, ir.Constant(I64, self.mr))) or c)
+            for rows in remainder_blocks(self.mr):
+                if rest & rows:
+                    visit(builder, rows, ir.Constant(I64, full * self.mr + (rest & ~(2 * rows - 1))))
+            return
+        mr = ir.Constant(I64, self.mr)
         full_tiles = builder.sdiv(m, mr)
         ll.counted_loop(builder, full_tiles, "m",
-                        body=lambda builder, t, _: visit(builder, self.plan.mr, builder.mul(t, mr)))
+                        body=lambda builder, t, _: visit(builder, self.mr, builder.mul(t, mr)))
         rest = builder.srem(m, mr)
         base = builder.mul(full_tiles, mr)
-        for rows in remainder_blocks(self.plan.mr):
+        for rows in remainder_blocks(self.mr):
             with builder.if_then(builder.icmp_signed("!=", builder.and_(rest, ir.Constant(I64, rows)),
                                                      ir.Constant(I64, 0))):
                 before = builder.and_(rest, ir.Constant(I64, ~(2 * rows - 1)))  # the larger blocks
                 visit(builder, rows, builder.add(base, before))
 
-    # -- the register tile ----------------------------------------------------------------------
-    def tile(self, rows: int, panel: Panel) -> ir.Function:
+    def run_panel(self, builder: ir.IRBuilder, a: ir.Value, lda: ir.Value, m: ir.Value, b: ir.Value,
+                  col0: ir.Value, vectors: int, valid: int, args: Sequence[ir.Value]) -> None:
+        """All M rows of A against the panel at `b` (columns col0 .. col0 + valid of C)."""
+        def visit(builder: ir.IRBuilder, rows: int, first: ir.Value) -> None:
+            builder.call(self.tile(rows, vectors, valid),
+                         [builder.gep(a, [builder.mul(first, lda)]), lda, b, first, col0, *args])
+
+        self.row_blocks(builder, m, visit)
+
+    def tile(self, rows: int, vectors: int, valid: int) -> ir.Function:
         """The micro-kernel for `rows` rows of one panel shape (full panels share one)."""
-        key = (rows, panel.vectors, panel.valid)
+        key = (rows, vectors, valid)
         if key not in self.tiles:
             self.tiles[key] = self._emit_tile(*key)
         return self.tiles[key]
 
     def _emit_tile(self, rows: int, vectors: int, valid: int) -> ir.Function:
-        """tile(a, lda, b, offset, c, ldc): C[rows, panel] = A[rows, :]·B panel (+ offset)."""
-        plan, route = self.plan, self.plan.route
+        """tile(a, lda, b, row0, col0, epilogue args...)."""
+        route = self.route
         lanes, gb = route.lanes, route.group_bytes
-        i32p = I32.as_pointer()
-        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, self.ptr, i32p, i32p, I64]),
+        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, self.ptr, I64, I64,
+                                                             *self.epilogue.arg_types]),
                          f"{self.name}.tile{rows}x{vectors}.{valid}")
         fn.linkage = "internal"
         fn.attributes.add("noinline")  # compiled once, called from each row block
-        a, lda, b, offset, c, ldc = fn.args
-        for arg in (a, b, offset, c):
-            arg.add_attribute("noalias")
+        a, lda, b, row0, col0, *args = fn.args
+        for arg in fn.args:
+            if isinstance(arg.type, ir.PointerType):
+                arg.add_attribute("noalias")
         builder = ir.IRBuilder(fn.append_basic_block("entry"))
-        initial = []
-        for v in range(vectors):
-            if plan.offset is None:
-                initial.append(ir.Constant(self.acc_type, [0] * lanes))
-            else:
-                at = builder.bitcast(builder.gep(offset, [ir.Constant(I64, v * lanes)]),
-                                     self.acc_type.as_pointer())
-                initial.append(builder.load(at, align=4))
-        accs = [value for _ in range(rows) for value in initial]  # row-major [rows][vectors]
+        accs = [ir.Constant(self.acc_type, [0] * lanes)] * (rows * vectors)  # row-major [rows][vectors]
         a_rows = [builder.gep(a, [builder.mul(ir.Constant(I64, r), lda)]) for r in range(rows)]
         b_step = vectors * lanes * gb
 
         def step(builder: ir.IRBuilder, g: ir.Value, accs: list[ir.Value]) -> list[ir.Value]:
             b_row = builder.gep(b, [builder.mul(g, ir.Constant(I64, b_step))])
             a_at = builder.mul(g, ir.Constant(I64, gb))
-            # panels start 64-byte aligned and are whole vectors long
-            weights = [builder.load(ll.pointer_at(builder, b_row, v * lanes * gb, self.group_vec),
-                                    align=min(lanes * gb, ALIGNMENT)) for v in range(vectors)]
+            # panels are whole vectors long (and start 64-byte aligned unless `aligned` is off)
+            panel = [builder.load(ll.pointer_at(builder, b_row, v * lanes * gb, self.group_vec),
+                                  align=self.panel_align) for v in range(vectors)]
             out = []
             for r in range(rows):
                 group = builder.load(ll.pointer_at(builder, a_rows[r], a_at, self.group), align=1)
                 broadcast = ll.splat(builder, group, lanes)
-                out += [route.mac(builder, self.module, accs[r * vectors + v], broadcast, weights[v])
-                        for v in range(vectors)]
+                for v in range(vectors):
+                    # the route's unsigned-side operand first: A's broadcast, or B's vector when swapped
+                    first, second = (panel[v], broadcast) if self.swapped else (broadcast, panel[v])
+                    out.append(route.mac(builder, self.module, accs[r * vectors + v], first, second))
             return out
 
         def unrolled(builder, i, accs):
@@ -419,67 +523,11 @@ class _Emitter:
                                                  ir.Constant(I64, u)), accs)
             return accs
 
-        accs = ll.counted_loop(builder, ir.Constant(I64, plan.groups // K_UNROLL), "k", accs, unrolled)
-        for g in range(plan.groups - plan.groups % K_UNROLL, plan.groups):
+        accs = ll.counted_loop(builder, ir.Constant(I64, self.groups // K_UNROLL), "k", accs, unrolled)
+        for g in range(self.groups - self.groups % K_UNROLL, self.groups):
             accs = step(builder, ir.Constant(I64, g), accs)
-        self._store(builder, accs, rows, vectors, valid, c, ldc)
-        builder.ret_void()
-        return fn
-
-    def _store(self, builder: ir.IRBuilder, accs: list[ir.Value], rows: int, vectors: int, valid: int,
-               c: ir.Value, ldc: ir.Value) -> None:
-        lanes = self.plan.route.lanes
-        for r in range(rows):
-            row = builder.gep(c, [builder.mul(ir.Constant(I64, r), ldc)])
-            for v in range(vectors):
-                acc, first = accs[r * vectors + v], v * lanes
-                if first + lanes <= valid:
-                    at = builder.bitcast(builder.gep(row, [ir.Constant(I64, first)]),
-                                         self.acc_type.as_pointer())
-                    builder.store(acc, at, align=4)
-                    continue
-                for lane in range(valid - first):  # the edge vector, lane by lane
-                    value = builder.extract_element(acc, ir.Constant(I32, lane))
-                    builder.store(value, builder.gep(row, [ir.Constant(I64, first + lane)]), align=4)
-
-    # -- the entry point ------------------------------------------------------------------------
-    def emit(self) -> ir.Function:
-        """`name(a, lda, m, scratch, b, offset, c, ldc)`: C[m, N] = A[m, K]·B (+ offset).
-
-        `scratch` holds m · packed_row_bytes bytes when the plan packs A (unused otherwise).
-        """
-        plan, route = self.plan, self.plan.route
-        i32p = I32.as_pointer()
-        fn = ir.Function(self.module, ir.FunctionType(VOID, [self.ptr, I64, I64, self.ptr, self.ptr,
-                                                             i32p, i32p, I64]), self.name)
-        a, lda, m, scratch, b, offset, c, ldc = fn.args
-        builder = ir.IRBuilder(fn.append_basic_block("entry"))
-        if plan.packs_a:
-            builder.call(self._emit_pack(), [a, lda, m, scratch])
-            a, lda = scratch, ir.Constant(I64, plan.packed_row_bytes)
-
-        def panel_rows(builder: ir.IRBuilder, panel: Panel, b: ir.Value, column: ir.Value) -> None:
-            offset_at, c_at = builder.gep(offset, [column]), builder.gep(c, [column])
-
-            def tile_rows(builder, rows: int, first: ir.Value) -> None:
-                builder.call(self.tile(rows, panel), [builder.gep(a, [builder.mul(first, lda)]), lda, b,
-                                                      offset_at, builder.gep(c_at, [builder.mul(first, ldc)]),
-                                                      ldc])
-
-            self._row_blocks(builder, m, tile_rows)
-
-        panels = plan.weights.panels
-        width = panels[0].vectors * route.lanes
-        full = [panel for panel in panels if panel.valid == width]  # all but an edge panel
-        if full:
-            panel_bytes = ir.Constant(I64, plan.panel_bytes(full[0]))
-            ll.counted_loop(builder, ir.Constant(I64, len(full)), "n", body=lambda builder, p, _: panel_rows(
-                builder, full[0], builder.gep(b, [builder.mul(p, panel_bytes)]),
-                builder.mul(p, ir.Constant(I64, width))))
-        for panel in panels[len(full):]:  # the edge panel
-            b_start = len(full) * plan.panel_bytes(full[0]) if full else 0
-            panel_rows(builder, panel, builder.gep(b, [ir.Constant(I64, b_start)]),
-                       ir.Constant(I64, panel.start))
+        self.epilogue.emit(builder, [accs[r * vectors:(r + 1) * vectors] for r in range(rows)], row0, col0,
+                           valid, args)
         builder.ret_void()
         return fn
 
@@ -489,9 +537,83 @@ def remainder_blocks(mr: int) -> list[int]:
     return [1 << bit for bit in reversed(range((mr - 1).bit_length()))]
 
 
+def emit_panels(builder: ir.IRBuilder, tiles: TileEmitter, plan: GemmPlan, a: ir.Value, lda: ir.Value,
+                m: ir.Value, b: ir.Value, args: Sequence[ir.Value]) -> None:
+    """All of C for the plan's packed weights at `b`: full panels in a loop, then the edge panel."""
+    panels = plan.weights.panels
+    width = panels[0].vectors * plan.route.lanes
+    full = [panel for panel in panels if panel.valid == width]  # all but an edge panel
+    if full:
+        panel_bytes = ir.Constant(I64, plan.panel_bytes(full[0]))
+        ll.counted_loop(builder, ir.Constant(I64, len(full)), "n", body=lambda builder, p, _: tiles.run_panel(
+            builder, a, lda, m, builder.gep(b, [builder.mul(p, panel_bytes)]),
+            builder.mul(p, ir.Constant(I64, width)), full[0].vectors, width, args))
+    for panel in panels[len(full):]:  # the edge panel
+        b_start = len(full) * plan.panel_bytes(full[0]) if full else 0
+        tiles.run_panel(builder, a, lda, m, builder.gep(b, [ir.Constant(I64, b_start)]),
+                        ir.Constant(I64, panel.start), panel.vectors, panel.valid, args)
+
+
 def emit_gemm(module: ir.Module, plan: GemmPlan, name: str) -> ir.Function:
-    """Add the GEMM `name` (and its internal helpers `name.*`) to `module`."""
-    return _Emitter(module, plan, name).emit()
+    """Add `name(a, lda, m, scratch, b, offset, c, ldc)`: C[m, N] = A[m, K]·B (+ offset), and its
+    internal helpers `name.*`, to `module`.
+
+    `scratch` holds m · packed_row_bytes bytes when the plan packs A (unused otherwise).
+    """
+    route = plan.route
+    ptr, i32p = I8.as_pointer(), I32.as_pointer()
+    fn = ir.Function(module, ir.FunctionType(VOID, [ptr, I64, I64, ptr, ptr, i32p, i32p, I64]), name)
+    a, lda, m, scratch, b, offset, c, ldc = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    if plan.packs_a:
+        builder.call(emit_plan_pack_a(module, f"{name}.pack_a", plan), [a, lda, m, scratch])
+        a, lda = scratch, ir.Constant(I64, plan.packed_row_bytes)
+    tiles = TileEmitter(module, name, route, plan.groups, plan.mr, Int32Store(route.lanes, plan.offset is not None))
+    emit_panels(builder, tiles, plan, a, lda, m, b, [offset, c, ldc])
+    builder.ret_void()
+    return fn
+
+
+def emit_plan_pack_a(module: ir.Module, name: str, plan: GemmPlan) -> ir.Function:
+    """The plan's packing of A (`emit_pack_a`)."""
+    shift = activation_shift(plan.route, plan.a_dtype) if plan.flip else 0
+    return emit_pack_a(module, name, plan.route, plan.k, shift, plan.a_dtype.is_signed, plan.packed_row_bytes)
+
+
+def runtime_route(target: TargetSpec) -> Route:
+    """The fastest route for a B known only at run time: one that cannot saturate."""
+    return next(route for route in ROUTES if route.available(target) and not route.saturates)
+
+
+def emit_pack_b_panel(module: ir.Module, name: str, route: Route, k: int, shift: int, signed: bool, valid: int,
+                      width: int) -> ir.Function:
+    """`name(b, ldb, dst)`: columns [0, valid) of the 8-bit row-major B [k, ·] at b (row pitch ldb bytes) as
+    one packed panel of `width` columns at dst, converted (`convert_values`), K and columns zero-padded."""
+    fn = ir.Function(module, ir.FunctionType(VOID, [I8.as_pointer(), I64, I8.as_pointer()]), name)
+    fn.linkage = "internal"
+    b, ldb, dst = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    kr = route.kr
+    group_bytes = width * route.group_bytes
+
+    def row(bld: ir.IRBuilder, index: ir.Value) -> ir.Value:
+        values = ll.load_partial(bld, bld.gep(b, [bld.mul(index, ldb)]), valid, width)
+        return convert_values(bld, values, shift, route.bits, signed)
+
+    def group(bld: ir.IRBuilder, g: ir.Value, carried: list) -> list:
+        rows = [row(bld, bld.add(bld.mul(g, ir.Constant(I64, kr)), ir.Constant(I64, j))) for j in range(kr)]
+        store_groups(bld, route, rows, bld.gep(dst, [bld.mul(g, ir.Constant(I64, group_bytes))]))
+        return carried
+
+    full = k // kr
+    if full:
+        ll.counted_loop(builder, ir.Constant(I64, full), "g", body=group)
+    if k % kr:
+        zero = convert_values(builder, ir.Constant(ll.vector(I8, width), None), 0, route.bits, signed)
+        rows = [row(builder, ir.Constant(I64, full * kr + j)) if full * kr + j < k else zero for j in range(kr)]
+        store_groups(builder, route, rows, builder.gep(dst, [ir.Constant(I64, full * group_bytes)]))
+    builder.ret_void()
+    return fn
 
 
 # C type of the generated entry point (see `_Emitter.emit`)

@@ -1,0 +1,500 @@
+"""Native lowerings of the integer products: qlinear, qconv2d, qmatmul, dynamic_linear, dynamic_matmul.
+
+Route choice, per node:
+* int8 route (`kernels.gemm_int8`, by target features: VNNI, AVX2 `vpmaddubsw` only where the weights
+  prove it exact, else `vpmaddwd`; NEON `sdot`; a widening fallback) when both operands are 8-bit, the
+  constant weights minus their zero points still fit int8, and the static accumulator bound is below
+  2^31 (int32 lanes, exact modulo 2^32). Zero-point and flip terms are folded into compile-time
+  per-channel offsets, or for two run-time operands into row and column sums computed before the tiles.
+* depthwise convolutions run directly (`kernels.qconv`), in int32 or int64 lanes by the bound.
+* everything else (16-bit activations, deep int64 accumulators, weights that do not centre into int8,
+  dynamic_matmul) takes the exact wide route (`kernels.gemm_wide`, int64 lanes).
+The epilogue requantizes (or scales, for dynamic quantization) straight from the accumulators.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+
+from lowbit.backends.native.lowering import Buffer, LowerContext, lowering
+from lowbit.backends.native.lowerings.quantized import requant_of
+from lowbit.errors import ShapeError, UnsupportedOpError
+from lowbit.ir import DType, Node, constant_value, quant_math
+from lowbit.kernels import llvm as ll
+from lowbit.kernels.gemm_int8 import (GemmPlan, TileEmitter, activation_shift, choose_route, emit_pack_a,
+                                      emit_pack_b_panel, emit_panels, emit_plan_pack_a, plan_gemm, runtime_route,
+                                      weight_shift)
+from lowbit.kernels.gemm_wide import Side, emit_wide_gemm
+from lowbit.kernels.llvm import F32, I8, I32, I64
+from lowbit.kernels.movement import loop_nest, new_kernel
+from lowbit.kernels.packing import column_panels, column_sums
+from lowbit.kernels.qconv import (ConvShape, FastConv, depthwise_scratch_bytes, emit_depthwise, emit_fast_conv,
+                                  emit_wide_conv, pack_weight_rows, wide_scratch_bytes)
+from lowbit.kernels.reduce import reduce_row
+from lowbit.kernels.requantize import (Corrections, FloatEpilogue, ProductEpilogue, emit_dynamic_quantize)
+
+INT32_LIMIT = 1 << 31
+EIGHT_BIT = (DType.u8, DType.i8)
+
+
+def _has(node: Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+def _lanes(ctx: LowerContext) -> int:
+    """int32 lanes of one vector register (the epilogues' width off the int8 routes)."""
+    return max(ctx.target.vector_bytes // 4, 4)
+
+
+def _constant(node: Node, index: int, what: str) -> np.ndarray:
+    data = constant_value(node.inputs[index])
+    if data is None:
+        raise UnsupportedOpError(f"{node.describe()}: the native backend needs constant {what} (they are packed "
+                                 f"at compile time)")
+    return np.asarray(data)
+
+
+def _centred_weights(node: Node) -> np.ndarray:
+    """w − zw as int64 [output channels, K] (zero points per output channel or one)."""
+    w = _constant(node, 1, "weights")
+    params = node.inputs[1].type.quant
+    flat = w.reshape(w.shape[0], -1).astype(np.int64)
+    return flat - np.asarray(params.zero_point, np.int64).reshape(-1, 1)
+
+
+def _bias(node: Node, channels: int) -> np.ndarray:
+    if not _has(node, 2):
+        return np.zeros(channels, np.int64)
+    return _constant(node, 2, "biases").astype(np.int64)
+
+
+def _residual(node: Node) -> tuple[DType, int] | None:
+    if not _has(node, 3):
+        return None
+    t = node.inputs[3].type
+    return t.dtype, t.quant.zero_point[0]
+
+
+def _bound(node: Node, depth: int, bias: np.ndarray | None = None) -> int:
+    x, w = node.inputs[0].type, node.inputs[1].type
+    bias_bound = int(np.abs(bias).max(initial=0)) if bias is not None else 0
+    return quant_math.accumulator_bound(x.dtype, x.quant.zero_point, w.dtype, w.quant.zero_point, depth, bias_bound)
+
+
+def _int8_ok(centred: np.ndarray) -> bool:
+    return bool(centred.size) and -128 <= centred.min() and centred.max() <= 127
+
+
+def _guarantee_7bit(node: Node) -> bool:
+    """Activations that are unsigned and at most 7 bits wide lie in [0, 127]."""
+    x = node.inputs[0].type
+    return not x.dtype.is_signed and x.quant is not None and x.quant.bits <= 7
+
+
+def _wrap32(values: np.ndarray) -> tuple[int, ...]:
+    """int64 values as the int32 they are modulo 2^32 (offsets added in wrapping int32 lanes)."""
+    return tuple(np.asarray(values, np.int64).astype(np.int32).tolist())
+
+
+def _call(ctx: LowerContext, key: tuple, build, buffers: list[Buffer]) -> None:
+    ctx.call(ctx.kernel(key, build), buffers)
+
+
+def _out_bytes(node: Node) -> int:
+    return ll.element_bytes(ll.element_type(node.outputs[0].type.dtype))
+
+
+# -- qlinear ---------------------------------------------------------------------------------------------
+def _linear_plan(ctx: LowerContext, node: Node, centred: np.ndarray, offset: np.ndarray | None) -> GemmPlan | None:
+    """The int8 route's plan for x [rows, K] · centredᵀ, or None when it does not apply."""
+    x = node.inputs[0].type
+    if x.dtype not in EIGHT_BIT or not _int8_ok(centred):
+        return None
+    try:
+        return plan_gemm(np.ascontiguousarray(centred.T).astype(np.int8), x.dtype, ctx.target, _guarantee_7bit(node),
+                         offset)
+    except ShapeError:  # the int32 accumulator could overflow: the wide route
+        return None
+
+
+def _emit_linear(module: ir.Module, name: str, plan: GemmPlan, rows: int, epilogue, operands: int) -> ir.Function:
+    """`name(x, w, [residual], out, scratch)`: the int8 GEMM of plan over `rows` rows into `epilogue`
+    (arguments out, [residual], channel0 = 0)."""
+    fn, builder = new_kernel(module, name, operands)
+    x, w, *rest, scratch = fn.args
+    a, lda = x, ir.Constant(I64, plan.k)
+    if plan.packs_a:
+        builder.call(emit_plan_pack_a(module, f"{name}.pack_a", plan), [x, lda, ir.Constant(I64, rows), scratch])
+        a, lda = scratch, ir.Constant(I64, plan.packed_row_bytes)
+    tiles = TileEmitter(module, name, plan.route, plan.groups, plan.mr, epilogue, aligned=False)
+    emit_panels(builder, tiles, plan, a, lda, ir.Constant(I64, rows), w, [rest[-1], *rest[:-1], ir.Constant(I64, 0)])
+    builder.ret_void()
+    return fn
+
+
+@lowering("qlinear")
+def lower_qlinear(ctx: LowerContext, node: Node) -> None:
+    x = node.inputs[0].type
+    n, k = node.inputs[1].type.shape
+    rows = math.prod(x.shape[:-1])
+    centred, bias, residual = _centred_weights(node), _bias(node, n), _residual(node)
+    requant, zx = requant_of(node), x.quant.zero_point[0]
+    bound = _bound(node, k, bias)
+    plan = _linear_plan(ctx, node, centred, bias - zx * centred.sum(axis=1)) if bound < INT32_LIMIT else None
+    extra = [ctx.operand(3)] if residual else []
+    if plan is not None:
+        lanes = plan.route.lanes
+        key = ("qlinear", rows, k, n, x.dtype, plan.route.name, plan.mr, plan.offset.tobytes(), requant, residual)
+        build = lambda module, name: _emit_linear(module, name, plan, rows, ProductEpilogue(  # noqa: E731
+            module, name, lanes, n, "col", requant, Corrections(_wrap32(plan.offset[:n])), residual), 4 + len(extra))
+        scratch = ctx.scratch(rows * plan.packed_row_bytes if plan.packs_a else 1)
+        _call(ctx, key, build, [ctx.operand(0), ctx.constant(plan.weights.data, "qlinear weights"), *extra,
+                                ctx.result(0), scratch])
+        return
+    weights = np.ascontiguousarray(centred.T).astype(np.int32)
+    lanes = _lanes(ctx)
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder = new_kernel(module, name, 4 + len(extra))
+        xs, w, *rest, _ = fn.args
+        epilogue = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(tuple(bias.tolist())), residual)
+        a = Side(builder.bitcast(xs, ll.element_type(x.dtype).as_pointer()), x.dtype, k, ir.Constant(I64, zx))
+        b = Side(builder.bitcast(w, I32.as_pointer()), DType.i32, n, ir.Constant(I64, 0))
+        emit_wide_gemm(builder, rows, n, k, a, b, epilogue, [rest[-1], *rest[:-1], ir.Constant(I64, 0)], lanes)
+        builder.ret_void()
+        return fn
+
+    key = ("qlinear.wide", rows, k, n, x.dtype, zx, tuple(bias.tolist()), requant, residual)
+    _call(ctx, key, build, [ctx.operand(0), ctx.constant(weights, "qlinear weights"), *extra, ctx.result(0),
+                            ctx.scratch(1)])
+
+
+# -- qconv2d ---------------------------------------------------------------------------------------------
+def _conv_shape(node: Node) -> ConvShape:
+    x, w, attrs = node.inputs[0].type, node.inputs[1].type, node.attrs
+    return ConvShape(*x.shape, w.shape[0], attrs["group"], tuple(w.shape[2:]), tuple(attrs["strides"]),
+                     tuple(attrs["pads"]), tuple(attrs["dilations"]), x.dtype, x.quant.zero_point[0])
+
+
+@lowering("qconv2d")
+def lower_qconv2d(ctx: LowerContext, node: Node) -> None:
+    shape = _conv_shape(node)
+    centred, bias, residual = _centred_weights(node), _bias(node, shape.m), _residual(node)
+    requant = requant_of(node)
+    bound = _bound(node, shape.reduction, bias)
+    extra = [ctx.operand(3)] if residual else []
+    out_bytes, vector_bytes = _out_bytes(node), ctx.target.vector_bytes
+
+    def epilogue(module: ir.Module, name: str, lanes: int, offsets: np.ndarray) -> ProductEpilogue:
+        return ProductEpilogue(module, name, lanes, shape.pixels, "row", requant, Corrections(_wrap32(offsets)),
+                               residual)
+
+    residual_dtype = residual[0] if residual else None
+    if shape.depthwise:
+        lanes, wide = _lanes(ctx), bound >= INT32_LIMIT
+        key = ("qconv.depthwise", shape, lanes, wide, tuple(bias.tolist()), requant, residual)
+        build = lambda module, name: emit_depthwise(  # noqa: E731
+            module, name, shape, lanes, wide, epilogue(module, name, lanes, bias), out_bytes, residual_dtype,
+            vector_bytes)
+        weights, scratch = centred.astype(np.int32), depthwise_scratch_bytes(shape, lanes)
+    elif shape.dtype in EIGHT_BIT and _int8_ok(centred) and bound < INT32_LIMIT:
+        route = choose_route(ctx.target, np.ascontiguousarray(centred.T).astype(np.int8), _guarantee_7bit(node))
+        mr, vectors = route.tile(ctx.target)
+        conv = FastConv(shape, route, mr, vectors, activation_shift(route, shape.dtype, _guarantee_7bit(node)))
+        offsets = bias - (shape.zero_point + conv.shift) * centred.sum(axis=1)
+        key = ("qconv", conv, tuple(offsets.tolist()), requant, residual)
+        build = lambda module, name: emit_fast_conv(  # noqa: E731
+            module, name, conv, epilogue(module, name, route.lanes, offsets), out_bytes, residual_dtype, vector_bytes)
+        weights, scratch = pack_weight_rows(centred, route), conv.scratch_bytes
+    else:
+        lanes = _lanes(ctx)
+        key = ("qconv.wide", shape, lanes, tuple(bias.tolist()), requant, residual)
+        build = lambda module, name: emit_wide_conv(  # noqa: E731
+            module, name, shape, lanes, epilogue(module, name, lanes, bias), out_bytes, residual_dtype, vector_bytes)
+        weights, scratch = centred.astype(np.int32), wide_scratch_bytes(shape)
+    _call(ctx, key, build, [ctx.operand(0), ctx.constant(weights, "qconv2d weights"), *extra, ctx.result(0),
+                            ctx.scratch(scratch)])
+
+
+# -- qmatmul ---------------------------------------------------------------------------------------------
+def _batch(node: Node) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """The broadcast batch shape of a matmul node and per operand and result the byte strides of its
+    matrices along each batch axis (0 where broadcast)."""
+    a, b, y = (v.type for v in (*node.inputs[:2], node.outputs[0]))
+    batch = y.shape[:-2]
+    strides = []
+    for t in (a, b, y):
+        size = math.prod(t.shape[-2:]) * ll.element_bytes(ll.element_type(t.dtype))
+        padded = (1,) * (len(batch) - (t.rank - 2)) + t.shape[:-2]
+        inner, result = size, []
+        for dim in reversed(padded):
+            result.append(inner if dim > 1 else 0)
+            inner *= dim
+        strides.append(tuple(reversed(result)))
+    return batch, strides
+
+
+def _over_batch(builder: ir.IRBuilder, node: Node, pointers: list[ir.Value], body) -> None:
+    """body(builder, [a, b, out] of one batch index) for every batch index."""
+    batch, strides = _batch(node)
+    loop_nest(builder, batch, [ir.Constant(I64, 0)] * 3, strides,
+              lambda b, offsets: body(b, [b.gep(p, [o]) for p, o in zip(pointers, offsets)]))
+
+
+def _column_table(module: ir.Module, name: str, values, element=I64) -> ir.Value:
+    return ll.global_table(module, name, element, list(values) + [0] * 64)
+
+
+def _row_sums(builder: ir.IRBuilder, target, a: ir.Value, signed: bool, rows: int, k: int, coefficient: int,
+              out: ir.Value) -> None:
+    """out[m] = coefficient · Σ_k a[m, k] (int32, wrapping) for 8-bit rows of A."""
+    lanes = ll.vector_lanes(target, I32)
+    typed = builder.bitcast(a, I8.as_pointer())
+
+    def row(b: ir.IRBuilder, m: ir.Value, carried: list) -> list:
+        base = b.mul(m, ir.Constant(I64, k))
+
+        def load(b2: ir.IRBuilder, offset: ir.Value, width: int) -> ir.Value:
+            values = ll.load_vector(b2, typed, b2.add(base, offset), width)
+            return (b2.sext if signed else b2.zext)(values, ll.vector(I32, width))
+
+        total = reduce_row(b, k, lanes, load, lambda b2, u, v: b2.add(u, v),
+                           lambda width: ir.Constant(ll.vector(I32, width), None))
+        total = b.mul(b.extract_element(total, ir.Constant(I32, 0)), ir.Constant(I32, coefficient))
+        b.store(total, b.gep(out, [m]))
+        return carried
+
+    ll.static_loop(builder, rows, "rowsum", row)
+
+
+def _column_sums(builder: ir.IRBuilder, target, b_matrix: ir.Value, signed: bool, k: int, n: int, coefficient: int,
+                 out: ir.Value) -> None:
+    """out[n] = coefficient · Σ_k B[k, n] (int32, wrapping) for an 8-bit row-major B."""
+    lanes = ll.vector_lanes(target, I32)
+    typed = builder.bitcast(b_matrix, I8.as_pointer())
+
+    def chunk(b: ir.IRBuilder, column: ir.Value, width: int) -> None:
+        def add(b2: ir.IRBuilder, i: ir.Value, carried: list) -> list:
+            values = ll.load_vector(b2, typed, b2.add(b2.mul(i, ir.Constant(I64, n)), column), width)
+            return [b2.add(carried[0], (b2.sext if signed else b2.zext)(values, ll.vector(I32, width)))]
+
+        total, = ll.counted_loop(b, ir.Constant(I64, k), "k", [ir.Constant(ll.vector(I32, width), None)], add)
+        scaled = b.mul(total, ir.Constant(total.type, [coefficient] * width))
+        ll.store_vector(b, scaled, out, column)
+
+    ll.strip_mine(builder, ir.Constant(I64, 0), n, lanes, "colsum", chunk)
+
+
+def _matmul_fast(ctx: LowerContext, node: Node) -> None:
+    a, b = node.inputs[0].type, node.inputs[1].type
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    route = runtime_route(ctx.target)
+    mr, vectors = route.tile(ctx.target)
+    shift_a, shift_b = activation_shift(route, a.dtype), weight_shift(route, b.dtype)
+    za = a.quant.zero_point[0]
+    zb = np.broadcast_to(np.asarray(b.quant.zero_point, np.int64), (n,))
+    big_za, big_zb = za + shift_a, zb + shift_b
+    constant = k * (za * zb - shift_a * shift_b)
+    requant, out_bytes = requant_of(node), _out_bytes(node)
+    groups = -(-k // route.kr)
+    packs_a = shift_a != 0 or route.bits != 8 or k % route.kr != 0
+    row_bytes = -(-groups * route.group_bytes // 64) * 64
+    panels = column_panels(n, route.lanes, vectors)
+    width = vectors * route.lanes
+    need_rows, need_cols = bool(big_zb.any()), big_za != 0
+    uniform_zb = len(set(big_zb.tolist())) == 1
+    corrections = Corrections(_wrap32(constant) if constant.any() else None, need_cols, need_rows,
+                              None if uniform_zb else _wrap32(-big_zb))
+    sizes = [m * row_bytes if packs_a else 0, groups * width * route.group_bytes, 4 * m + 64, 4 * n + 256]
+    starts = np.cumsum([0] + [-(-size // 64) * 64 for size in sizes]).tolist()
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder = new_kernel(module, name, 4)
+        a_ptr, b_ptr, out, scratch = fn.args
+        packed_a, panel, rows, cols = (builder.gep(scratch, [ir.Constant(I64, start)]) for start in starts[:4])
+        rows, cols = builder.bitcast(rows, I32.as_pointer()), builder.bitcast(cols, I32.as_pointer())
+        epilogue = ProductEpilogue(module, name, route.lanes, n, "col", requant, corrections)
+        tiles = TileEmitter(module, name, route, groups, mr, epilogue, aligned=False)
+        pack = emit_pack_a(module, f"{name}.pack_a", route, k, shift_a, a.dtype.is_signed, row_bytes) if packs_a \
+            else None
+        pack_b = {shape: emit_pack_b_panel(module, f"{name}.pack_b{shape[1]}", route, k, shift_b, b.dtype.is_signed,
+                                           shape[1], shape[0] * route.lanes)
+                  for shape in {(p.vectors, p.valid) for p in panels}}
+
+        def one(bld: ir.IRBuilder, pointers: list[ir.Value]) -> None:
+            a_t, b_t, out_t = pointers
+            lhs, lda = a_t, ir.Constant(I64, k)
+            if pack is not None:
+                bld.call(pack, [a_t, lda, ir.Constant(I64, m), packed_a])
+                lhs, lda = packed_a, ir.Constant(I64, row_bytes)
+            sums = []
+            if need_cols:
+                _column_sums(bld, ctx.target, b_t, b.dtype.is_signed, k, n, -int(big_za), cols)
+                sums.append(cols)
+            if need_rows:
+                _row_sums(bld, ctx.target, a_t, a.dtype.is_signed, m, k, -int(big_zb[0]) if uniform_zb else 1, rows)
+                sums.append(rows)
+            for p in panels:
+                bld.call(pack_b[(p.vectors, p.valid)], [bld.gep(b_t, [ir.Constant(I64, p.start)]),
+                                                          ir.Constant(I64, n), panel])
+                tiles.run_panel(bld, lhs, lda, ir.Constant(I64, m), panel, ir.Constant(I64, p.start), p.vectors,
+                                p.valid, [out_t, ir.Constant(I64, 0), *sums])
+
+        _over_batch(builder, node, [a_ptr, b_ptr, out], one)
+        builder.ret_void()
+        return fn
+
+    key = ("qmatmul", a.shape, b.shape, a.dtype, b.dtype, za, tuple(zb.tolist()), requant, route.name)
+    _call(ctx, key, build, [ctx.operand(0), ctx.operand(1), ctx.result(0), ctx.scratch(starts[-1])])
+
+
+def _matmul_wide(ctx: LowerContext, node: Node) -> None:
+    a, b = node.inputs[0].type, node.inputs[1].type
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    za, zb = a.quant.zero_point[0], tuple(np.broadcast_to(np.asarray(b.quant.zero_point), (n,)).tolist())
+    requant, lanes = requant_of(node), _lanes(ctx)
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder = new_kernel(module, name, 3)
+        epilogue = ProductEpilogue(module, name, lanes, n, "col", requant)
+        columns = None if len(set(zb)) == 1 else _column_table(module, f"{name}.zb", zb)
+
+        def one(bld: ir.IRBuilder, pointers: list[ir.Value]) -> None:
+            a_t, b_t, out_t = pointers
+            lhs = Side(bld.bitcast(a_t, ll.element_type(a.dtype).as_pointer()), a.dtype, k, ir.Constant(I64, za))
+            rhs = Side(bld.bitcast(b_t, ll.element_type(b.dtype).as_pointer()), b.dtype, n, ir.Constant(I64, zb[0]),
+                       columns)
+            emit_wide_gemm(bld, m, n, k, lhs, rhs, epilogue, [out_t, ir.Constant(I64, 0)], lanes)
+
+        _over_batch(builder, node, list(fn.args), one)
+        builder.ret_void()
+        return fn
+
+    key = ("qmatmul.wide", a.shape, b.shape, a.dtype, b.dtype, za, zb, requant)
+    _call(ctx, key, build, [ctx.operand(0), ctx.operand(1), ctx.result(0)])
+
+
+@lowering("qmatmul")
+def lower_qmatmul(ctx: LowerContext, node: Node) -> None:
+    a, b = node.inputs[0].type, node.inputs[1].type
+    bound = quant_math.accumulator_bound(a.dtype, a.quant.zero_point, b.dtype, b.quant.zero_point, a.shape[-1])
+    if a.dtype in EIGHT_BIT and b.dtype in EIGHT_BIT and bound < INT32_LIMIT:
+        _matmul_fast(ctx, node)
+    else:
+        _matmul_wide(ctx, node)
+
+
+# -- dynamic quantization ----------------------------------------------------------------------------------
+def _require_f32(node: Node, *indices: int) -> None:
+    if any(node.inputs[i].type.dtype is not DType.f32 for i in indices if _has(node, i)):
+        raise UnsupportedOpError(f"{node.describe()}: the native backend computes {node.op} in float32 only")
+
+
+@lowering("dynamic_linear")
+def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
+    """Quantize x at run time (min/max pass, then u8), the integer product, then float32(acc) · float32(sx·sw)
+    + bias."""
+    _require_f32(node, 0, 2)
+    x = node.inputs[0].type
+    n, k = node.inputs[1].type.shape
+    rows, count = math.prod(x.shape[:-1]), x.size
+    centred, has_bias = _centred_weights(node), _has(node, 2)
+    w_scales = np.broadcast_to(np.asarray(node.inputs[1].type.quant.scale, np.float32), (n,))
+    plan = None
+    if _int8_ok(centred):
+        try:
+            plan = plan_gemm(np.ascontiguousarray(centred.T).astype(np.int8), DType.u8, ctx.target)
+        except ShapeError:  # the int32 accumulator could overflow: the wide route
+            plan = None
+    lanes = plan.route.lanes if plan is not None else _lanes(ctx)
+    row_bytes = plan.packed_row_bytes if plan is not None and plan.packs_a else 0
+    sizes = [count, rows * row_bytes, 4 * n + 256, 4 * n + 256]
+    starts = np.cumsum([0] + [-(-size // 64) * 64 for size in sizes]).tolist()
+    sums = column_sums(centred.T)
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder = new_kernel(module, name, 4 + has_bias)
+        xs, w, *rest, scratch = fn.args
+        q, packed, corrections, factors = (builder.gep(scratch, [ir.Constant(I64, s)]) for s in starts[:4])
+        scale, zero_point = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(xs, F32.as_pointer()), count, q)
+        corrections = builder.bitcast(corrections, I32.as_pointer())
+        factors_f = builder.bitcast(factors, F32.as_pointer())
+        sum_table = _column_table(module, f"{name}.colsum", _wrap32(sums), I32)
+        scale_table = _column_table(module, f"{name}.scale", w_scales.tolist(), F32)
+        minus_zp = builder.trunc(builder.neg(zero_point), I32)
+
+        def column(b: ir.IRBuilder, index: ir.Value, width: int) -> None:
+            ll.store_vector(b, b.mul(ll.load_vector(b, sum_table, index, width), ll.splat(b, minus_zp, width)),
+                            corrections, index)
+            ll.store_vector(b, b.fmul(ll.splat(b, scale, width), ll.load_vector(b, scale_table, index, width)),
+                            factors_f, index)
+
+        ll.strip_mine(builder, ir.Constant(I64, 0), n, ll.vector_lanes(ctx.target, F32), "column", column)
+        args = [rest[-1], factors, *rest[:-1]]  # out, factors, [bias]
+        if plan is not None:
+            epilogue = FloatEpilogue(module, name, lanes, n, Corrections(
+                _wrap32(plan.offset[:n]) if plan.offset is not None else None, col_sums=True), False, has_bias)
+            a, lda = q, ir.Constant(I64, k)
+            if plan.packs_a:
+                builder.call(emit_plan_pack_a(module, f"{name}.pack_a", plan), [q, lda, ir.Constant(I64, rows), packed])
+                a, lda = packed, ir.Constant(I64, plan.packed_row_bytes)
+            tiles = TileEmitter(module, name, plan.route, plan.groups, plan.mr, epilogue, aligned=False)
+            emit_panels(builder, tiles, plan, a, lda, ir.Constant(I64, rows), w,
+                        [*args, ir.Constant(I64, 0), corrections])
+        else:
+            epilogue = FloatEpilogue(module, name, lanes, n, Corrections(), False, has_bias)
+            lhs = Side(q, DType.u8, k, zero_point)
+            rhs = Side(builder.bitcast(w, I32.as_pointer()), DType.i32, n, ir.Constant(I64, 0))
+            emit_wide_gemm(builder, rows, n, k, lhs, rhs, epilogue, [*args, ir.Constant(I64, 0)], lanes)
+        builder.ret_void()
+        return fn
+
+    if plan is not None:
+        weights = ctx.constant(plan.weights.data, "dynamic_linear weights")
+        key = ("dynamic_linear", x.shape, n, plan.route.name, plan.mr, plan.offset.tobytes() if plan.offset is not None
+               else None, sums.tobytes(), tuple(w_scales.tolist()), has_bias)
+    else:
+        weights = ctx.constant(np.ascontiguousarray(centred.T).astype(np.int32), "dynamic_linear weights")
+        key = ("dynamic_linear.wide", x.shape, n, tuple(w_scales.tolist()), has_bias)
+    bias = [ctx.operand(2)] if has_bias else []
+    _call(ctx, key, build, [ctx.operand(0), weights, *bias, ctx.result(0), ctx.scratch(starts[-1])])
+
+
+@lowering("dynamic_matmul")
+def lower_dynamic_matmul(ctx: LowerContext, node: Node) -> None:
+    """Both operands quantized at run time; the exact wide route, then float32(acc) · float32(sa·sb)."""
+    _require_f32(node, 0, 1)
+    a, b = node.inputs[0].type, node.inputs[1].type
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    lanes = _lanes(ctx)
+    starts = np.cumsum([0] + [-(-size // 64) * 64 for size in (a.size, b.size, 64)]).tolist()
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder = new_kernel(module, name, 4)
+        a_ptr, b_ptr, out, scratch = fn.args
+        qa, qb, factor = (builder.gep(scratch, [ir.Constant(I64, s)]) for s in starts[:3])
+        sa, za = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(a_ptr, F32.as_pointer()), a.size, qa)
+        sb, zb = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(b_ptr, F32.as_pointer()), b.size, qb)
+        builder.store(builder.fmul(sa, sb), builder.bitcast(factor, F32.as_pointer()))
+        epilogue = FloatEpilogue(module, name, lanes, n, Corrections(), True, False)
+        # the quantized copies keep the operands' layouts: their byte strides are the f32 ones / 4
+        batch, strides = _batch(node)
+
+        def one(bld: ir.IRBuilder, offsets: list[ir.Value]) -> None:
+            a_off, b_off, out_off = offsets
+            lhs = Side(bld.gep(qa, [bld.udiv(a_off, ir.Constant(I64, 4))]), DType.u8, k, za)
+            rhs = Side(bld.gep(qb, [bld.udiv(b_off, ir.Constant(I64, 4))]), DType.u8, n, zb)
+            emit_wide_gemm(bld, m, n, k, lhs, rhs, epilogue, [bld.gep(out, [out_off]), factor, ir.Constant(I64, 0)],
+                           lanes)
+
+        loop_nest(builder, batch, [ir.Constant(I64, 0)] * 3, strides, one)
+        builder.ret_void()
+        return fn
+
+    key = ("dynamic_matmul", a.shape, b.shape)
+    _call(ctx, key, build, [ctx.operand(0), ctx.operand(1), ctx.result(0), ctx.scratch(starts[-1])])
