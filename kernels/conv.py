@@ -45,6 +45,7 @@ from lowbit.kernels.llvm import I1, I8, I32, I64, VOID
 CHUNK_BYTES = 256 << 10  # packed im2col panels per GEMM call: stays in L2 while every row tile reads it
 IMPLICIT_MIN_USE = 0.9  # least share of the implicit GEMM's columns that are output pixels
 IMPLICIT_MAX_TAPS = 25  # the implicit tile unrolls a channel's taps
+IMPLICIT_MAX_BYTES = 48 << 10  # plane rows a panel of implicit GEMM reads (measured: 64 channels win, 256 lose)
 TRANSPOSED_MAX_PIXELS = 256  # transposed GEMMs pack all pixels at once
 TRANSPOSED_GAIN = 0.1  # least gain in used vector lanes that makes a GEMM transposed
 
@@ -131,7 +132,10 @@ class ConvSpec:
         if self._transposed_pays:
             return "transposed"
         (kh, kw), plane = self.kernel, self.plane
-        window = self.strides == (1, 1) and plane.sx == plane.sy == 1 and 1 < kh * kw <= IMPLICIT_MAX_TAPS
+        # the plane rows one panel's K steps read must stay in L1 while every row tile reads them
+        footprint = 4 * self.channels // self.group * kh * (self.tile.width + (kw - 1) * self.dilations[1])
+        window = (self.strides == (1, 1) and plane.sx == plane.sy == 1 and 1 < kh * kw <= IMPLICIT_MAX_TAPS
+                  and footprint <= IMPLICIT_MAX_BYTES)
         if window and self.masked_loads and self.out[1] == plane.w:
             return "in_place"
         if window and plane.width >= self.tile.lanes and self.out[1] >= IMPLICIT_MIN_USE * plane.width:

@@ -17,7 +17,7 @@ from lowbit.ir import DType, Node, constant_value
 from lowbit.kernels.conv import (conv2d_spec, conv_scratch_bytes, conv_transpose2d_spec, emit_conv,
                                  pack_conv_weights, transposed_weights)
 from lowbit.kernels.gemm_f32 import (AttentionSpec, Batched, Epilogue, GemmSpec, choose_tile, default_tile,
-                                     emit_attention, emit_batched_gemm, emit_gather, pack_b)
+                                     emit_attention, emit_batched_gemm, emit_gather, pack_b, prefer_m_outer)
 
 
 def _require_f32(node: Node) -> None:
@@ -64,7 +64,7 @@ def lower_linear(ctx: LowerContext, node: Node) -> None:
     rows = math.prod(x.shape[:-1])
     tile = choose_tile(ctx.target, rows, n)
     weights = constant_value(node.inputs[1])
-    gemm = GemmSpec(rows, k, tile, n, lda=k, epilogue=_epilogue(node, "col", n))
+    gemm = GemmSpec(rows, k, tile, n, lda=k, epilogue=_epilogue(node, "col", n), m_outer=prefer_m_outer(rows, k, n))
     spec = Batched(gemm, n, packed=weights is not None, b_layout=(1, k), has_bias=_has(node, 2))
     b_buffer = (ctx.constant(pack_b(np.asarray(weights, np.float32).T, tile), "linear weights")
                 if weights is not None else ctx.operand(1))
@@ -93,8 +93,8 @@ def lower_matmul(ctx: LowerContext, node: Node) -> None:
     else:
         b_strides = _batch_strides(cols_shape[:-2], batch, k * n)
         b_buffer = ctx.operand(1)
-    spec = Batched(GemmSpec(m, k, tile, n, lda=k), n, batch, a_strides, b_strides, packed=weights is not None,
-                   b_layout=(n, 1))
+    spec = Batched(GemmSpec(m, k, tile, n, lda=k, m_outer=prefer_m_outer(m, k, n)), n, batch, a_strides, b_strides,
+                   packed=weights is not None, b_layout=(n, 1))
     _call_batched(ctx, node, spec, b_buffer, [])
 
 
