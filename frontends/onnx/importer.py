@@ -41,7 +41,7 @@ def load_model(model: str | Path | bytes | onnx.ModelProto) -> tuple[onnx.ModelP
         raise ModelFormatError(f"{label} is not an ONNX model: it has no graph")
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as error:
+    except Exception as error:  # onnx raises OSError, ValueError or its checker's ValidationError here
         raise ModelFormatError(f"{label}: cannot load external data ({error})") from None
     return proto, label
 
