@@ -11,6 +11,16 @@ Which ops run in integers:
 - add, mul, concat, average pooling, when all their operands are quantized run-time values.
 Everything else is a float island with `dequantize` / `quantize` at its borders. In particular the
 attention mask is never quantized: the add of the mask meets a float value (the scaled scores).
+
+Wide values (`wide_outputs`, on by default): a value that never enters an integer product gets a
+16-bit type while every product operand stays 8-bit. Those are the results of conv2d / linear / matmul
+(and add, mul, concat) read only by float ops (a LayerNorm, a softmax, a graph output): the integer
+GEMM is unchanged, only its requantization target is wider, so the dequantize that follows loses almost nothing (transformer
+residual sums carry outlier channels a hundred times their neighbours). Likewise a value read only as
+the fused residual of a linear / conv2d, a term added after the product.
+
+SmoothQuant (`smooth`, see `smooth.py`) first moves activation outliers from LayerNorm outputs into
+the weights of the linear layers that read them, before the main calibration.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from lowbit.ir.quant_math import quantize_values
 from lowbit.passes.manager import PassManager
 from lowbit.passes.quantize.calibration import calibrate
 from lowbit.passes.quantize.observers import choose_qparams, quant_limits
+from lowbit.passes.quantize.smooth import smooth_layer_norms
 
 HEAVY = ("conv2d", "linear", "matmul")
 SHARING = ("reshape", "transpose", "slice", "gather", "expand", "tile", "identity", "max_pool2d")
@@ -34,6 +45,8 @@ CLAMPS = ("none", "relu", "clip")
 ACTIVATION_TYPES = {"int8": DType.i8, "uint8": DType.u8, "int16": DType.i16}
 WEIGHT_TYPES = {"int8": (DType.i8, 8), "int7": (DType.i8, 7), "int4": (DType.i4, 4), "uint4": (DType.u4, 4)}
 MODES = ("static", "dynamic", "weight_only")
+# Integer ops that requantize their result, so that it can take any integer type.
+REQUANTIZING = HEAVY + ("add", "mul", "concat")
 # The graph quantization starts from: folded and fused, but with attention left as its matmuls so
 # that the two products can run in integers.
 PREPARE = "cleanup,fold-batchnorm,fuse-linear,fuse-layernorm,fuse-gelu,fuse-epilogue,dce"
@@ -54,6 +67,8 @@ class QuantizeOptions:
     method: str = "minmax"
     group_size: int = 32
     exclude: tuple[str, ...] = ()
+    wide_outputs: bool = True
+    smooth: float | None = 0.5
     observer_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,6 +82,8 @@ class QuantizeOptions:
         if WEIGHT_TYPES[self.weights][1] == 4 and self.mode != "weight_only":
             raise QuantizationError("4-bit weights are weight-only (mode='weight_only'): integer ops take "
                                     "8-bit weights")
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise QuantizationError(f"smooth must be None or an alpha in [0, 1], got {self.smooth}")
 
     @property
     def activation_type(self) -> DType:
@@ -93,6 +110,15 @@ def _excluded(node: Node, exclude: Iterable[str]) -> bool:
     return node.op in exclude or (node.name is not None and node.name in exclude)
 
 
+def _constant_product(node: Node) -> bool:
+    """A conv2d / linear the integer ops can take: constant weight, a clamp as its activation."""
+    return constant_value(node.inputs[1]) is not None and node.attrs["activation"] in CLAMPS
+
+
+def _quantizable_linear(node: Node, options: QuantizeOptions) -> bool:
+    return node.op == "linear" and not _excluded(node, options.exclude) and _constant_product(node)
+
+
 def plan(graph: Graph, options: QuantizeOptions) -> tuple[list[Node], dict[int, Value]]:
     """The nodes that will run in integers, and for every quantized value the value whose parameters it
     shares (itself when it has its own)."""
@@ -106,8 +132,7 @@ def plan(graph: Graph, options: QuantizeOptions) -> tuple[list[Node], dict[int, 
         if node.op in HEAVY:
             if node.op == "matmul" and len(runtime) != 2:
                 continue
-            if node.op != "matmul" and (constant_value(node.inputs[1]) is None
-                                        or node.attrs["activation"] not in CLAMPS):
+            if node.op != "matmul" and not _constant_product(node):
                 continue
             for value in runtime:
                 owner.setdefault(id(value), value)
@@ -130,11 +155,27 @@ def plan(graph: Graph, options: QuantizeOptions) -> tuple[list[Node], dict[int, 
     return quantized, owner
 
 
+def wide_values(graph: Graph, quantized: list[Node], owner: dict[int, Value]) -> set[int]:
+    """The quantized values that never enter an integer product: results of requantizing integer ops
+    read only by float ops or as graph outputs, and values read only as a fused residual (operand 3)."""
+    integer = {id(node) for node in quantized}
+    wide = set()
+    for value in {id(v): v for v in owner.values()}.values():
+        uses = value.uses
+        if value.producer is not None and value.producer.op in REQUANTIZING and id(value.producer) in integer \
+                and all(id(user) not in integer for user, _ in uses):
+            wide.add(id(value))
+        elif uses and not graph.is_output(value) and all(
+                user.op in ("conv2d", "linear") and index == 3 and id(user) in integer for user, index in uses):
+            wide.add(id(value))
+    return wide
+
+
 def activation_params(ranges: Mapping[Value, tuple], owners: Iterable[Value],
-                      options: QuantizeOptions) -> dict[int, QuantParams]:
-    dtype = options.activation_type
+                      options: QuantizeOptions, wide: set[int] = frozenset()) -> dict[int, QuantParams]:
     params = {}
     for value in owners:
+        dtype = DType.i16 if id(value) in wide else options.activation_type
         low, high = ranges[value]
         scale, zero_point = choose_qparams(low, high, dtype=dtype, symmetric=options.symmetric_activations)
         params[id(value)] = QuantParams((float(scale),), (int(zero_point),), bits=dtype.bits,
@@ -281,13 +322,17 @@ def simulated_quantization(graph: Graph, calibration, options: QuantizeOptions, 
         (quantize_weights_only if options.mode == "weight_only" else quantize_dynamic)(prepared, options)
         prepared.eliminate_dead_code()
         return prepared
-    quantized, owner = plan(prepared, options)
-    owners = {id(v): v for v in owner.values()}.values()
     if calibration is None:
         raise QuantizationError("static quantization needs calibration data")
+    if options.smooth is not None:
+        smooth_layer_norms(prepared, calibration, options.smooth, lambda node: _quantizable_linear(node, options),
+                           progress=progress)
+    quantized, owner = plan(prepared, options)
+    owners = {id(v): v for v in owner.values()}.values()
     ranges = calibrate(prepared, calibration, list(owners), method=options.method, progress=progress,
                        **options.observer_options)
-    params = activation_params(ranges, owners, options)
+    wide = wide_values(prepared, quantized, owner) if options.wide_outputs else set()
+    params = activation_params(ranges, owners, options, wide)
     simulate(prepared, quantized, owner, params, options)
     prepared.eliminate_dead_code()
     return prepared

@@ -7,7 +7,7 @@ import pytest
 
 import lowbit
 from lowbit.ir import DType, parse, verify
-from lowbit.passes.quantize import QuantizationError
+from lowbit.passes.quantize import QuantizationError, calibrate
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TEST = np.load(DATA / "digits_test.npz")
@@ -159,3 +159,93 @@ def test_dynamic_quantization_matches_onnx_dynamic_quantize_linear():
         q, our_scale, our_zero_point = dynamic_quantize(x)
         assert our_scale == scale and our_zero_point == zero_point
         np.testing.assert_array_equal(q, y)
+
+
+def layer_norm_block(outlier: float = 40.0) -> lowbit.Graph:
+    """x → layer_norm (one outlier channel in its scale) → two linears reading it (like Q and K), one of
+    them with the LayerNorm output as its residual too."""
+    from lowbit.ir import Graph, TensorType
+
+    rng = np.random.default_rng(0)
+    graph = Graph("block")
+    x = graph.add_input("x", TensorType((4, 6, 16), DType.f32))
+    scale = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    scale[3] = outlier
+    norm = graph.add("layer_norm", x, graph.add_constant(scale), graph.add_constant(rng.standard_normal(16)
+                                                                                      .astype(np.float32)))
+    weights = [graph.add_constant(rng.standard_normal((16, 16)).astype(np.float32) * 0.2) for _ in range(2)]
+    q = graph.add("linear", norm, weights[0], graph.add_constant(np.zeros(16, np.float32)), norm)
+    k = graph.add("linear", norm, weights[1])
+    graph.set_outputs([("y", graph.add("softmax", graph.add("add", q, k)))])
+    return graph
+
+
+def block_feeds(seed: int) -> dict:
+    return {"x": np.random.default_rng(seed).standard_normal((4, 6, 16)).astype(np.float32)}
+
+
+def block_output(graph, feeds: dict) -> np.ndarray:
+    return next(iter(lowbit.run_reference(graph, feeds).values()))
+
+
+def test_smoothing_is_exact_in_float_and_evens_out_the_layer_norm_output():
+    from lowbit.passes.quantize.smooth import smooth_layer_norms
+
+    graph = layer_norm_block()
+    smoothed = graph.copy()
+    assert smooth_layer_norms(smoothed, [block_feeds(s) for s in range(3)], 0.5,
+                              lambda node: node.op == "linear", progress=False) == 1
+    verify(smoothed)
+    # The residual keeps the original LayerNorm; the linears read a smoothed copy.
+    norms = [n for n in smoothed.nodes if n.op == "layer_norm"]
+    assert len(norms) == 2
+    feeds = block_feeds(7)
+    np.testing.assert_allclose(block_output(smoothed, feeds), block_output(graph, feeds), rtol=1e-5, atol=1e-6)
+    ranges = calibrate(smoothed, [feeds], [], per_channel_axes={n.outputs[0]: -1 for n in norms}, progress=False)
+    absmax = [np.maximum(-ranges[n.outputs[0]][0], ranges[n.outputs[0]][1]) for n in norms]
+    ratios = [m.max() / m.mean() for m in absmax]
+    assert ratios[1] < ratios[0] / 2  # the outlier channel is far tamer in the smoothed copy
+
+
+def test_smoothing_factors():
+    from lowbit.passes.quantize.smooth import smoothing_factors
+
+    w = np.array([[1.0, -4.0, 0.0], [0.5, 2.0, 0.0]])
+    factors = smoothing_factors(np.array([16.0, 1.0, 3.0]), [w, w * 0.5], 0.5)
+    np.testing.assert_allclose(factors, [4.0, 0.5, 1.0])  # sqrt(16 / 1), sqrt(1 / 4); a zero column stays
+
+
+def test_results_read_only_by_float_ops_are_16_bit_while_products_stay_8_bit():
+    graph = layer_norm_block()
+    calib = [block_feeds(s) for s in range(3)]
+    wide = lowbit.quantize(graph, calib, progress=False)
+    narrow = lowbit.quantize(graph, calib, wide_outputs=False, smooth=None, progress=False)
+    for quantized in (wide, narrow):
+        verify(quantized)
+        products = [n for n in quantized.nodes if n.op == "qlinear"]
+        assert len(products) == 2 and all(n.inputs[0].type.dtype is DType.i8 for n in products)
+        assert all(n.inputs[1].type.dtype is DType.i8 for n in products)
+    # The add is fused into the second linear as its residual: both results, read only by softmax or as a
+    # residual, widen, as do the residual operands (the first linear's is the LayerNorm output).
+    products = [n for n in wide.nodes if n.op == "qlinear"]
+    assert all(n.outputs[0].type.dtype is DType.i16 and n.inputs[3].type.dtype is DType.i16 for n in products)
+    assert all(v.type.dtype in (DType.i8, DType.f32, DType.i32) for n in narrow.nodes for v in n.outputs)
+    feeds = block_feeds(9)
+    errors = [np.abs(block_output(g, feeds) - block_output(graph, feeds)).mean()
+              for g in (wide, narrow)]
+    assert errors[0] < errors[1]
+
+
+def test_mlp_logits_are_16_bit_by_default():
+    graph = model("mlp")
+    wide = lowbit.quantize(graph, calibration("mlp"), progress=False)
+    last = wide.outputs[0].producer.inputs[0].producer
+    assert last.op == "qlinear" and last.outputs[0].type.dtype is DType.i16 and last.inputs[0].type.dtype is DType.i8
+    narrow = lowbit.quantize(graph, calibration("mlp"), wide_outputs=False, progress=False)
+    assert narrow.outputs[0].producer.inputs[0].type.dtype is DType.i8
+    assert accuracy(wide, "mlp") >= accuracy(graph, "mlp") - 0.004
+
+
+def test_smooth_option_is_checked():
+    with pytest.raises(QuantizationError, match="smooth must be"):
+        lowbit.quantize(model("mlp"), calibration("mlp"), smooth=1.5, progress=False)
