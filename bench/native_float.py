@@ -24,7 +24,6 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,6 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lowbit  # noqa: E402
+from timing import STATISTICS, interleaved  # noqa: E402
 from lowbit.ir import DType, Graph, TensorType  # noqa: E402
 
 GEMMS = {"512^3": (512, 512, 512), "1024x256x512": (1024, 256, 512), "128x768x768 (BERT)": (128, 768, 768)}
@@ -45,25 +45,6 @@ def _f32(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
 
-STATISTICS = {"median": statistics.median, "min": min}
-
-
-def _rounds(engines: dict, rounds: int, statistic: str) -> dict[str, float]:
-    """Seconds per call of each engine over the rounds (a round: each engine's best of two back-to-back
-    calls): the median, or with `--statistic min` the fastest round (what a machine shared with other
-    busy processes still shows reliably)."""
-    for call in engines.values():
-        call()
-    samples = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, call in engines.items():
-            best = float("inf")
-            for _ in range(2):
-                start = time.perf_counter()
-                call()
-                best = min(best, time.perf_counter() - start)
-            samples[name].append(best)
-    return {name: STATISTICS[statistic](values) for name, values in samples.items()}
 
 
 def _agree(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -86,7 +67,7 @@ def gemm_cases(rounds: int, statistic: str) -> list[dict]:
         out = np.empty((m, n), np.float32)
         _agree(runtime.run({"a": a, "b": b})["y"], a @ b, name)
         _agree(constant.run({"a": a})["y"], a @ b, name)
-        times = _rounds({"numpy": lambda: np.matmul(a, b, out=out),
+        times = interleaved({"numpy": lambda: np.matmul(a, b, out=out),
                          "native matmul": lambda: runtime.run({"a": a, "b": b}),
                          "native linear": lambda: constant.run({"a": a})}, rounds, statistic)
         flops = 2 * m * n * k
@@ -114,7 +95,7 @@ def conv_cases(rounds: int, statistic: str) -> list[dict]:
         _agree(native.run({"x": x})["y"], lowbit.run_reference(graph, {"x": x})["y"], name)
         cols, weights = _im2col(x, kernel, stride, pad), w.reshape(cout, -1)
         out = np.empty((cout, cols.shape[1]), np.float32)
-        times = _rounds({"numpy GEMM": lambda: np.matmul(weights, cols, out=out),
+        times = interleaved({"numpy GEMM": lambda: np.matmul(weights, cols, out=out),
                          "native conv": lambda: native.run({"x": x})}, rounds, statistic)
         flops = 2 * cout * weights.shape[1] * cols.shape[1]
         rows.append({"case": f"{name} ({cout}x{cols.shape[1]}x{weights.shape[1]})",
@@ -139,7 +120,7 @@ def model_cases(rounds: int, statistic: str, image: int) -> list[dict]:
     feeds = {"input": _f32(1, 3, image, image)}
     want = session.run(None, feeds)[0]
     _agree(native.run(feeds)["logits"], want, "resnet18")
-    times = _rounds({"onnxruntime": lambda: session.run(None, feeds),
+    times = interleaved({"onnxruntime": lambda: session.run(None, feeds),
                      "native": lambda: native.run(feeds),
                      "reference": lambda: lowbit.run_reference(graph, feeds)}, rounds, statistic)
     return [{"case": f"resnet18 {image}x{image} (ms)", **{engine: t * 1e3 for engine, t in times.items()},

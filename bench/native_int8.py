@@ -27,7 +27,6 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -37,26 +36,11 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import lowbit  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 RNG = np.random.default_rng(0)
-
-
-def _rounds(engines: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each engine (a round: each engine's best of two back-to-back calls)."""
-    for call in engines.values():
-        call()
-    samples = {name: [] for name in engines}
-    for _ in range(rounds):
-        for name, call in engines.items():
-            best = float("inf")
-            for _ in range(2):
-                start = time.perf_counter()
-                call()
-                best = min(best, time.perf_counter() - start)
-            samples[name].append(best)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _session(model: onnx.ModelProto):
@@ -124,7 +108,7 @@ def model_case(label: str, model: onnx.ModelProto, batch: int, calibration: np.n
             raise SystemExit(f"{label}: lowbit int8 differs from the reference interpreter in '{key}'")
     engines = {"lowbit int8": lambda: int8.run(feeds), "lowbit fp32": lambda: fp32.run(feeds)}
     engines.update({engine: (lambda s=session: s.run(None, feeds)) for engine, session in sessions.items()})
-    times = _rounds(engines, rounds)
+    times = interleaved(engines, rounds)
     row = {"case": label, **{engine: seconds * 1e3 for engine, seconds in times.items()},
            "quantize s": quantize_seconds, "compile s": compile_seconds}
     if test is not None:
