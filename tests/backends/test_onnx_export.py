@@ -542,7 +542,10 @@ def test_models_quantized_by_lowbit_keep_their_accuracy_in_onnxruntime(name, opt
     assert abs(accuracy - expected) <= 0.002 and expected > 0.95, (accuracy, expected)
     output = quantized.outputs[0].producer
     step = output.inputs[0].type.quant.scale[0] if output.op == "dequantize" else 1e-4 * np.abs(want).max()
-    assert np.abs(got - want).max() <= step + 1e-6 * np.abs(want).max()  # float32 rounding of two products
+    # ONNX Runtime requantizes in float, lowbit in fixed point: the int8 layers may differ by one step,
+    # which a 16-bit result (the quantizer's default for logits) resolves as several of its finer steps.
+    bound = max(step, 1e-3 * np.abs(want).max()) if output.inputs[0].type.dtype.bits == 16 else step
+    assert np.abs(got - want).max() <= bound + 1e-6 * np.abs(want).max()  # float32 rounding of two products
 
 
 # -- names, files, errors ----------------------------------------------------------------------------------
