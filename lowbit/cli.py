@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read input INPUT from the .npz array ARRAY (when the names differ)")
     compile_.set_defaults(handler=cmd_compile)
 
+    tune = commands.add_parser("tune", help="measure this machine's sparse vs dense kernel costs",
+                               description="Time generated sparse and dense linear layers and write the fitted "
+                                           "cost constants (used to choose sparse kernels) to the user cache.")
+    tune.add_argument("--repeats", type=_positive_int, default=30, help="timed calls per measurement")
+    tune.set_defaults(handler=cmd_tune)
+
     passes = commands.add_parser("passes", help="list the registered passes and named pipelines",
                                  description="List every registered pass with its options, and the named pipelines.")
     passes.set_defaults(handler=cmd_passes)
@@ -272,6 +278,13 @@ def cmd_compile(args: argparse.Namespace) -> None:
     print(f"wrote {folder}: {files}")
     print(f"target {target['name']} ({target['triple']}, {target['cpu']}); "
           f"{manifest['arena_bytes']:,} bytes of working memory per run")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from lowbit.backends.native.sparse_selection import tune, tuning_path
+
+    print(json.dumps(tune(args.repeats), indent=2))
+    print(f"written to {tuning_path()}")
 
 
 def cmd_passes(args: argparse.Namespace) -> None:

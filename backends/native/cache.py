@@ -48,6 +48,8 @@ def _generator_digest() -> str:
 def cache_key(graph: Graph, target) -> str:
     digest = hashlib.sha256(_generator_digest().encode())
     digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}".encode())
+    from lowbit.backends.native.sparse_selection import tuning_fingerprint  # (imports the lowerings)
+    digest.update(tuning_fingerprint())  # measured sparse/dense constants change kernel choices
     # The summary text names every large constant by a hash of its bytes; hash them fully here.
     digest.update(str(graph).encode())
     for constant in graph.constants:

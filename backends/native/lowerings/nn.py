@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lowbit.backends.native.lowering import LowerContext, lowering
+from lowbit.backends.native.sparse_selection import lower_sparse_linear
 from lowbit.errors import UnsupportedOpError
 from lowbit.ir import DType, Node, constant_value
 from lowbit.kernels.conv import (conv2d_spec, conv_scratch_bytes, conv_transpose2d_spec, emit_conv,
@@ -61,6 +62,8 @@ def lower_linear(ctx: LowerContext, node: Node) -> None:
     _require_f32(node)
     x = node.inputs[0].type
     n, k = node.inputs[1].type.shape
+    if lower_sparse_linear(ctx, node, _epilogue(node, "col", n)):
+        return
     rows = math.prod(x.shape[:-1])
     tile = choose_tile(ctx.target, rows, n)
     weights = constant_value(node.inputs[1])

@@ -20,6 +20,7 @@ from llvmlite import ir
 
 from lowbit.backends.native.lowering import Buffer, LowerContext, lowering
 from lowbit.backends.native.lowerings.quantized import requant_of
+from lowbit.backends.native.sparse_selection import lower_sparse_qlinear
 from lowbit.errors import ShapeError, UnsupportedOpError
 from lowbit.ir import DType, Node, constant_value, quant_math
 from lowbit.kernels import llvm as ll
@@ -142,6 +143,8 @@ def lower_qlinear(ctx: LowerContext, node: Node) -> None:
     centred, bias, residual = _centred_weights(node), _bias(node, n), _residual(node)
     requant, zx = requant_of(node), x.quant.zero_point[0]
     bound = _bound(node, k, bias)
+    if bound < INT32_LIMIT and lower_sparse_qlinear(ctx, node, centred, bias, requant, residual, _wrap32(bias)):
+        return
     plan = _linear_plan(ctx, node, centred, bias - zx * centred.sum(axis=1)) if bound < INT32_LIMIT else None
     extra = [ctx.operand(3)] if residual else []
     if plan is not None:

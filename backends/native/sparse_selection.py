@@ -1,0 +1,305 @@
+"""Sparse or dense? The cost model that picks a kernel for linear / qlinear weights with a sparse layout,
+and the sparse lowerings themselves (`kernels.sparse`).
+
+Estimated nanoseconds per call, with vec = ⌈M / lanes⌉ accumulator vectors along M:
+
+    sparse = per_value · stored values · vec + per_block · stored blocks · vec + per_output · M·N
+             + per_input · M·K
+    dense  = per_mac · N·K·(M + dense_rows)
+
+`dense_rows` is what weight streaming costs the dense kernel in rows of arithmetic (it dominates at
+M = 1). Constants per kind (int8, f32) are built in, or measured on this machine by
+`python -m lowbit.backends.native.sparse_selection --tune` (written to `tuning_path()`, JSON). A weight
+without a layout always stays dense; so does one the sparse kernels cannot take exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.backends.native.lowering import LowerContext
+from lowbit.ir import DType, Graph, Node, TensorType, constant_value
+from lowbit.kernels.gemm_f32 import Epilogue
+from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, float_epilogue, integer_epilogue,
+                                   pack_sparse)
+
+KINDS = ("int8", "f32")
+DEFAULT_LANES = 16  # int32 / float32 lanes of the machine the defaults were measured on
+
+
+@dataclass(frozen=True)
+class Costs:
+    per_value: float
+    per_block: float
+    per_output: float
+    per_input: float
+    per_mac: float
+    dense_rows: float
+
+
+DEFAULTS = {  # measured on a Sapphire Rapids core (AVX-512 VNNI) with 512×512 weights, M = 1 and 64
+    "int8": Costs(per_value=0.53, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0032, dense_rows=4.4),
+    "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3),
+}
+
+
+def tuning_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lowbit" / "sparse_tuning.json"
+
+
+@lru_cache(maxsize=None)
+def costs(kind: str) -> Costs:
+    """The measured constants when `--tune` has written them, else the built-in ones."""
+    try:
+        measured = json.loads(tuning_path().read_text())[kind]
+        return Costs(**measured)
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULTS[kind]
+
+
+def tuning_fingerprint() -> bytes:
+    """What the compile cache must key on besides the source: the measured constants, if any."""
+    try:
+        return tuning_path().read_bytes()
+    except OSError:
+        return b"defaults"
+
+
+def structure(matrix: np.ndarray, block: tuple[int, int]) -> tuple[int, int]:
+    """(stored values, stored blocks) of `matrix` [N, K] packed with `block` (fillers ignored)."""
+    n, k = matrix.shape
+    r, c = fit_block(matrix.shape, block)
+    blocks = int(np.any(matrix.reshape(n // r, r, k // c, c) != 0, axis=(1, 3)).sum())
+    return blocks * r * c, blocks
+
+
+def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> tuple[float, float]:
+    """(sparse, dense) estimated nanoseconds for x [m, K] · matrixᵀ."""
+    c = costs(kind)
+    n, k = matrix.shape
+    values, blocks = structure(matrix, block)
+    vec = math.ceil(m / lanes)
+    sparse = (c.per_value * values + c.per_block * blocks) * vec + c.per_output * m * n + c.per_input * m * k
+    return sparse, c.per_mac * n * k * (m + c.dense_rows)
+
+
+def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> bool:
+    sparse, dense = estimates(kind, matrix, m, block, lanes)
+    return sparse < dense
+
+
+def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
+    """The packing block: bsr's block or CSR (1×1, also for csr and N:M), whichever the model finds
+    faster (a layout found by chance, such as 1×2 on an unstructured matrix, stores many zeros)."""
+    candidates = [tuple(fit_block(matrix.shape, tuple(layout.block)))] if layout.format == "bsr" else []
+    return min(candidates + [(1, 1)], key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
+
+
+def _lanes(ctx: LowerContext) -> int:
+    return max(ctx.target.vector_bytes // 4, 4)
+
+
+def _pmaddwd(ctx: LowerContext, lanes: int) -> str:
+    """The x86 pmaddwd intrinsic for `lanes` int32 lanes, or "" (portable IR elsewhere)."""
+    features = ctx.target.features
+    if ctx.target.arch != "x86_64":
+        return ""
+    if lanes == 16 and "avx512bw" in features:
+        return "llvm.x86.avx512.pmaddw.d.512"
+    if lanes == 8 and "avx2" in features:
+        return "llvm.x86.avx2.pmadd.wd"
+    return "llvm.x86.sse2.pmadd.wd" if lanes == 4 else ""
+
+
+def _has(node: Node, index: int) -> bool:
+    return len(node.inputs) > index and node.inputs[index] is not None
+
+
+# -- lowerings --------------------------------------------------------------------------------------------
+def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bias: np.ndarray, requant,
+                         residual, offsets: tuple[int, ...]) -> bool:
+    """qlinear through the sparse kernel when its weight has a layout, the kernel is exact for it (8-bit
+    activations, centred weights in int8; the caller checked the int32 bound) and the cost model prefers
+    it. `offsets`: bias as wrapped int32. True when lowered."""
+    from lowbit.kernels.requantize import Corrections, ProductEpilogue
+
+    x, layout = node.inputs[0].type, node.inputs[1].type.layout
+    if layout is None or x.dtype not in (DType.u8, DType.i8) or not centred.size \
+            or centred.min() < -128 or centred.max() > 127:
+        return False
+    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
+    block = best_block("int8", centred, rows, layout, lanes)
+    if not prefer_sparse("int8", centred, rows, block, lanes):
+        return False
+    n, k = centred.shape
+    packed = pack_sparse(centred, block, np.int8)
+    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, True, lanes, x.quant.zero_point[0],
+                      x.dtype.is_signed, _pmaddwd(ctx, lanes))
+    extra = [ctx.operand(3)] if residual else []
+
+    def build(module, name):
+        product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
+        return emit_sparse_linear(module, name, spec, integer_epilogue(product), 4 + len(extra))
+
+    key = ("qlinear.sparse", spec, offsets, requant, residual, packed.data.tobytes())
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(packed.data, "qlinear sparse weights"), *extra,
+                                      ctx.result(0), ctx.scratch(spec.scratch_bytes)])
+    return True
+
+
+def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bool:
+    """float32 linear through the sparse kernel when its constant weight has a layout and the cost model
+    prefers it. True when lowered."""
+    w = node.inputs[1]
+    weights = constant_value(w)
+    if w.type.layout is None or weights is None:
+        return False
+    x = node.inputs[0].type
+    if _has(node, 3) and node.inputs[3].type.shape != node.outputs[0].type.shape:
+        return False  # a broadcast residual: the dense kernel handles it
+    matrix = np.asarray(weights, np.float32)
+    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
+    block = best_block("f32", matrix, rows, w.type.layout, lanes)
+    if not prefer_sparse("f32", matrix, rows, block, lanes):
+        return False
+    n, k = matrix.shape
+    packed = pack_sparse(matrix, block, np.float32)
+    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, False, lanes)
+    extra = [ctx.operand(i) for i in (2, 3) if _has(node, i)]
+    finish = float_epilogue(epilogue, n)
+    key = ("linear.sparse", spec, epilogue, packed.data.tobytes())
+    ctx.call(ctx.kernel(key, lambda module, name: emit_sparse_linear(module, name, spec, finish, 4 + len(extra))),
+             [ctx.operand(0), ctx.constant(packed.data, "linear sparse weights"), *extra, ctx.result(0),
+              ctx.scratch(spec.scratch_bytes)])
+    return True
+
+
+# -- tuning -----------------------------------------------------------------------------------------------
+def layer_graph(kind: str, matrix: np.ndarray, rows: int, sparse: bool) -> tuple[Graph, dict]:
+    """One linear (f32) or qlinear (int8: u8 activations, symmetric int8 weights, i32 bias, i8 result) layer
+    of weight `matrix`, with the layout that lets it go sparse when `sparse`; and random feeds."""
+    from lowbit.ir.ops.quantized import fixed_point_attrs
+    from lowbit.ir.types import QuantParams, SparseLayout
+
+    rng = np.random.default_rng(0)
+    n, k = matrix.shape
+    graph = Graph(f"{kind}_layer")
+    layout = SparseLayout("csr") if sparse else None
+    if kind == "f32":
+        x = graph.add_input("x", TensorType((rows, k), DType.f32))
+        w = graph.add_constant(matrix.astype(np.float32), "w", TensorType((n, k), DType.f32, None, layout))
+        b = graph.add_constant(rng.standard_normal(n).astype(np.float32), "b")
+        graph.set_outputs([("y", graph.add_node("linear", [x, w, b], {"activation": "relu"}).output)])
+        return graph, {"x": rng.standard_normal((rows, k)).astype(np.float32)}
+    x_quant = QuantParams((0.05,), (128,), None, None, 8, False)
+    w_quant = QuantParams((0.01,), (0,), None, None, 8, True)
+    x = graph.add_input("x", TensorType((rows, k), DType.u8, x_quant))
+    data = np.clip(np.round(matrix), -127, 127).astype(np.int8)
+    w = graph.add_constant(data, "w", TensorType((n, k), DType.i8, w_quant, layout))
+    bias = rng.integers(-2000, 2000, n).astype(np.int32)
+    b = graph.add_constant(bias, "b", TensorType((n,), DType.i32, QuantParams((0.0005,), (0,), None, None, 32, True)))
+    result = dict(dtype=DType.i8, scale=0.5, zero_point=0)
+    fixed = fixed_point_attrs("qlinear", [x.type, w.type, b.type], result, [None, data, bias])
+    graph.set_outputs([("y", graph.add_node("qlinear", [x, w, b], {**result, **fixed}).output)])
+    return graph, {"x": rng.integers(0, 256, (rows, k)).astype(np.uint8)}
+
+
+def random_sparse(rng: np.random.Generator, n: int, k: int, sparsity: float, block: tuple[int, int] = (1, 1)
+                  ) -> np.ndarray:
+    """Values in ±[1, 100] with whole `block`s zero at `sparsity`."""
+    r, c = block
+    keep = np.repeat(np.repeat(rng.random((n // r, k // c)) >= sparsity, r, 0), c, 1)
+    return np.where(keep, rng.integers(1, 100, (n, k)) * rng.choice([-1, 1], (n, k)), 0).astype(np.float32)
+
+
+def _seconds(graph: Graph, feeds: dict, repeats: int) -> float:
+    import time
+
+    from lowbit.backends.native.compiler import compile_graph
+    model = compile_graph(graph, cache=False)  # decisions differ inside and outside `forced_sparse`
+    model.run(feeds)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.run(feeds)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@contextlib.contextmanager
+def forced_sparse():
+    """Within: every weight with a layout takes the sparse kernel (measurements, benchmarks)."""
+    global prefer_sparse
+    chooser, prefer_sparse = prefer_sparse, lambda *args: True
+    try:
+        yield
+    finally:
+        prefer_sparse = chooser
+
+
+def measure(kind: str, repeats: int = 30) -> Costs:
+    """Fit the constants of `kind` to timings of generated sparse and dense layers on this machine."""
+    rng = np.random.default_rng(0)
+    base = _seconds(*layer_graph(kind, np.ones((1, 1), np.float32), 1, False), repeats)  # call overhead
+    sparse_rows, sparse_times, dense_rows, dense_times = [], [], [], []
+    lanes = DEFAULT_LANES
+    for n, k in ((128, 512), (512, 256)):
+        for rows in (1, 16, 64):
+            for sparsity, block in ((0.5, (1, 1)), (0.9, (1, 1)), (0.9, (1, 4)), (0.9, (4, 1))):
+                matrix = random_sparse(rng, n, k, sparsity, block)
+                values, _ = structure(matrix, (1, 1))  # (the layer's layout is csr)
+                vec = math.ceil(rows / lanes)
+                sparse_rows.append([values * vec, rows * (n + k)])
+                with forced_sparse():
+                    sparse_times.append(_seconds(*layer_graph(kind, matrix, rows, True), repeats) - base)
+            dense_rows.append([n * k * rows, n * k])
+            dense_times.append(_seconds(*layer_graph(kind, matrix, rows, False), repeats) - base)
+    # two terms each (blocks and values, outputs and inputs move together in these shapes): a stable fit
+    fit = lambda rows, times: np.maximum(np.linalg.lstsq(np.asarray(rows, float), 1e9 * np.asarray(times),  # noqa
+                                                         rcond=None)[0], 1e-6)
+    per_value, per_element = fit(sparse_rows, sparse_times)
+    per_mac, streaming = fit(dense_rows, dense_times)
+    per_block = DEFAULTS[kind].per_block * per_value / DEFAULTS[kind].per_value
+    return Costs(float(per_value), float(per_block), float(per_element), float(per_element), float(per_mac),
+                 float(streaming / per_mac))
+
+
+def tune(repeats: int = 30) -> dict[str, dict[str, float]]:
+    """Measure the cost constants on this machine, write them to `tuning_path()` and return them."""
+    result = {kind: asdict(measure(kind, repeats)) for kind in KINDS}
+    path = tuning_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    costs.cache_clear()
+    return result
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tune", action="store_true", help="measure the sparse/dense cost constants here")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowbit.backends.native.sparse_selection",
+                                     description=__doc__.splitlines()[0])
+    add_tune_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.tune:
+        print(json.dumps(tune(args.repeats), indent=2))
+        print(f"written to {tuning_path()}")
+    else:
+        print(json.dumps({kind: asdict(costs(kind)) for kind in KINDS}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Sparse × dense linear layers (`kernels.sparse`) against the reference interpreter: qlinear bit-exact and
+linear within rtol 1e-4 over random shapes (M = 1, primes), block shapes and sparsities (dense, 90%, all-zero
+rows, an all-zero matrix, gaps wider than the packing's one-byte steps); the packed size; the dense/sparse
+choice of the cost model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit.backends.native import sparse_selection
+from lowbit.ir import DType, Graph, TensorType
+from lowbit.ir.ops.quantized import fixed_point_attrs
+from lowbit.ir.types import QuantParams, SparseLayout
+from lowbit.kernels.sparse import pack_sparse
+
+SIZES = st.one_of(st.integers(1, 24), st.sampled_from([1, 2, 3, 7, 13, 17, 31, 61, 67]))
+BLOCKS = st.sampled_from([(1, 1), (1, 4), (4, 1), (2, 2)])
+SPARSITIES = st.sampled_from([0.0, 0.5, 0.9, 0.97, 1.0])
+
+
+@pytest.fixture(autouse=True)
+def always_sparse(monkeypatch):
+    """Every weight with a layout takes the sparse kernel (the cost model is tested on its own), compiled
+    afresh (the compile cache does not know about the patch)."""
+    monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", "off")
+
+
+def sparse_matrix(rng: np.random.Generator, n: int, k: int, block: tuple[int, int], sparsity: float,
+                  values: np.ndarray) -> np.ndarray:
+    """`values` [n, k] with whole blocks zeroed at `sparsity` (blocks that do not tile: single weights),
+    and a few whole rows zero."""
+    r, c = block if n % block[0] == 0 and k % block[1] == 0 else (1, 1)
+    keep = rng.random((n // r, k // c)) >= sparsity
+    mask = np.repeat(np.repeat(keep, r, 0), c, 1)
+    mask[rng.random(n) < 0.2] = False
+    return np.where(mask, values, 0).astype(values.dtype)
+
+
+def layout(block: tuple[int, int]) -> SparseLayout:
+    return SparseLayout("csr") if block == (1, 1) else SparseLayout("bsr", block)
+
+
+def qparams(dtype: DType, scale, zero_point: int, axis: int | None = None) -> QuantParams:
+    scales = tuple(float(np.float32(s)) for s in np.atleast_1d(scale))
+    return QuantParams(scales, (zero_point,) * len(scales), axis, None, dtype.bits, dtype.is_signed)
+
+
+def qlinear_graph(rng: np.random.Generator, rows: int, k: int, n: int, block, sparsity: float, x_dtype: DType,
+                  bias: bool, residual: bool, out: DType) -> tuple[Graph, dict]:
+    graph = Graph("qlinear")
+    info = np.iinfo(x_dtype.numpy)
+    zx = int(rng.integers(info.min, info.max + 1))
+    x = graph.add_input("x", TensorType((rows, k), x_dtype, qparams(x_dtype, rng.uniform(0.01, 0.1), zx)))
+    data = sparse_matrix(rng, n, k, block, sparsity, rng.integers(-127, 128, (n, k)).astype(np.int8))
+    w_quant = qparams(DType.i8, rng.uniform(0.001, 0.02, n), 0, 0)
+    w = graph.add_constant(data, "w", TensorType(data.shape, DType.i8, w_quant, layout(block)))
+    inputs, constants = [x, w], [None, data]
+    if bias:
+        values = rng.integers(-20000, 20000, n).astype(np.int32)
+        scales = np.float32(x.type.quant.scale[0]) * np.float32(w_quant.scale)
+        inputs.append(graph.add_constant(values, "b", TensorType((n,), DType.i32, QuantParams(
+            tuple(float(s) for s in scales), (0,) * n, 0, None, 32, True))))
+        constants.append(values)
+    feeds = {"x": rng.integers(info.min, info.max + 1, (rows, k)).astype(x_dtype.numpy)}
+    if residual:
+        inputs += [None] * (3 - len(inputs)) + [graph.add_input("r", TensorType((rows, n), DType.u8, qparams(
+            DType.u8, 0.04, 100)))]
+        constants += [None] * (4 - len(constants))
+        feeds["r"] = rng.integers(0, 256, (rows, n)).astype(np.uint8)
+    info_out = np.iinfo(out.numpy)
+    result = dict(dtype=out, scale=float(np.float32(rng.uniform(0.01, 0.3))),
+                  zero_point=int(rng.integers(max(info_out.min, -1000), min(info_out.max, 1000) + 1)))
+    fixed = fixed_point_attrs("qlinear", [v.type if v is not None else None for v in inputs], result, constants)
+    graph.set_outputs([("y", graph.add_node("qlinear", inputs, {**result, **fixed}).output)])
+    return graph, feeds
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 256, 601])), n=SIZES, block=BLOCKS,
+       sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), bias=st.booleans(),
+       residual=st.booleans(), out=st.sampled_from([DType.i8, DType.u8, DType.i32]),
+       seed=st.integers(0, 2**32 - 1))
+def test_qlinear_is_bit_exact(rows, k, n, block, sparsity, x_dtype, bias, residual, out, seed) -> None:
+    rng = np.random.default_rng(seed)
+    graph, feeds = qlinear_graph(rng, rows, k, n, block, sparsity, x_dtype, bias, residual, out)
+    got, want = lowbit.compile(graph).run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"]
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def linear_graph(rng: np.random.Generator, rows: int, k: int, n: int, block, sparsity: float, bias: bool,
+                 residual: bool, activation: str) -> tuple[Graph, dict]:
+    graph = Graph("linear")
+    x = graph.add_input("x", TensorType((rows, k), DType.f32))
+    data = sparse_matrix(rng, n, k, block, sparsity, rng.standard_normal((n, k)).astype(np.float32))
+    inputs = [x, graph.add_constant(data, "w", TensorType(data.shape, DType.f32, None, layout(block)))]
+    feeds = {"x": rng.standard_normal((rows, k)).astype(np.float32)}
+    inputs.append(graph.add_constant(rng.standard_normal(n).astype(np.float32), "b") if bias else None)
+    if residual:
+        inputs.append(graph.add_input("r", TensorType((rows, n), DType.f32)))
+        feeds["r"] = rng.standard_normal((rows, n)).astype(np.float32)
+    inputs = inputs if inputs[-1] is not None else inputs[:-1]
+    graph.set_outputs([("y", graph.add_node("linear", inputs, {"activation": activation}).output)])
+    return graph, feeds
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 256, 601])), n=SIZES, block=BLOCKS,
+       sparsity=SPARSITIES, bias=st.booleans(), residual=st.booleans(),
+       activation=st.sampled_from(["none", "relu", "sigmoid"]), seed=st.integers(0, 2**32 - 1))
+def test_linear_matches_the_reference(rows, k, n, block, sparsity, bias, residual, activation, seed) -> None:
+    rng = np.random.default_rng(seed)
+    graph, feeds = linear_graph(rng, rows, k, n, block, sparsity, bias, residual, activation)
+    got, want = lowbit.compile(graph).run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+def test_wide_gaps_and_empty_matrices_pack_and_run() -> None:
+    rng = np.random.default_rng(7)
+    for data in (np.zeros((5, 2053), np.int8), np.eye(5, 2053, 2040, dtype=np.int8) * 3):
+        data[0, 0] = data[0, -1] = 1  # a gap of 2052 columns: eight one-byte steps
+        graph, feeds = qlinear_graph(rng, 3, 2053, 5, (1, 1), 0.0, DType.u8, True, False, DType.i32)
+        weight = graph.nodes[0].inputs[1]
+        weight.data = data  # same shape and dtype
+        got, want = lowbit.compile(graph).run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"]
+        np.testing.assert_array_equal(got, want)
+
+
+def test_packed_int8_is_about_two_bytes_per_nonzero() -> None:
+    rng = np.random.default_rng(0)
+    data = sparse_matrix(rng, 512, 512, (1, 1), 0.9, rng.integers(1, 127, (512, 512)).astype(np.int8))
+    packed = pack_sparse(data, (1, 1), np.int8)
+    assert packed.data.nbytes < 2.1 * np.count_nonzero(data) + 4 * 513 + 64
+    blocks = pack_sparse(sparse_matrix(rng, 512, 512, (1, 4), 0.9, data | 1), (1, 4), np.int8)
+    assert blocks.data.nbytes < 0.1 * 512 * 512 * 1.5
+
+
+@pytest.mark.parametrize("kind, rows, sparse_enough", [("f32", 16, 0.9), ("f32", 64, 0.9), ("int8", 1, 0.99),
+                                                         ("int8", 64, 0.99)])
+def test_selection_prefers_sparse_only_when_sparse_enough(kind, rows, sparse_enough, monkeypatch) -> None:
+    monkeypatch.undo()  # the real cost model, with its built-in constants
+    monkeypatch.setattr(sparse_selection, "costs", sparse_selection.DEFAULTS.__getitem__)
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((512, 512)).astype(np.float32) + 3
+    sparse = np.where(rng.random((512, 512)) < sparse_enough, 0, values)
+    dense = np.where(rng.random((512, 512)) < 0.1, 0, values)
+    assert sparse_selection.prefer_sparse(kind, sparse, rows, (1, 1), 16)
+    assert not sparse_selection.prefer_sparse(kind, dense, rows, (1, 1), 16)
