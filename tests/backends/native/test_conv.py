@@ -21,10 +21,10 @@ from lowbit.ir import DType, Graph, TensorType
 from lowbit.kernels import conv, gemm_f32
 from lowbit.kernels.llvm import emit_assembly, new_module
 
+sys.path.insert(0, str(Path(__file__).parent))  # float_cases: shared with the conv tests
+from float_cases import HOST, TARGETS, check  # noqa: E402
+
 # The host, and AVX2's narrower vectors and smaller tile where the host can run them.
-HOST = Target.host()
-TARGETS = st.sampled_from(["host"] + (["x86_64-avx2"] if HOST.arch == "x86_64" and HOST.has("avx2", "fma")
-                                      and HOST.vector_bytes != 32 else []))
 RNG = np.random.default_rng(5)
 ACTIVATIONS = [("none", ()), ("relu", ()), ("clip", (0.0, 6.0)), ("leaky_relu", (0.2,)), ("sigmoid", ()),
                ("hard_swish", ())]
@@ -33,13 +33,6 @@ ACTIVATIONS = [("none", ()), ("relu", ()), ("clip", (0.0, 6.0)), ("leaky_relu", 
 def f32(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
-
-def check(graph: Graph, feeds: dict, target: str = "host") -> None:
-    got, want = lowbit.compile(graph, target).run(feeds), lowbit.run_reference(graph, feeds)
-    for name, expected in want.items():
-        assert got[name].shape == expected.shape, name
-        scale = float(np.abs(expected).max(initial=0.0))
-        np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), err_msg=name)
 
 
 @st.composite

@@ -6,6 +6,8 @@ register tile, so every edge tile and masked edge vector runs.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,10 +20,10 @@ from lowbit.ir import DType, Graph, TensorType
 from lowbit.kernels import gemm_f32
 from lowbit.kernels.llvm import emit_assembly, new_module
 
+sys.path.insert(0, str(Path(__file__).parent))  # float_cases: shared with the conv tests
+from float_cases import TARGETS, check  # noqa: E402
+
 # The host, and AVX2's narrower vectors and smaller tile where the host can run them.
-HOST = Target.host()
-TARGETS = st.sampled_from(["host"] + (["x86_64-avx2"] if HOST.arch == "x86_64" and HOST.has("avx2", "fma")
-                                      and HOST.vector_bytes != 32 else []))
 RNG = np.random.default_rng(11)
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 12, 13, 16, 17, 31, 32, 33, 47, 64, 97])
 ACTIVATIONS = [("none", ()), ("relu", ()), ("clip", (-0.5, 0.75)), ("leaky_relu", (0.1,)), ("sigmoid", ()),
@@ -31,13 +33,6 @@ ACTIVATIONS = [("none", ()), ("relu", ()), ("clip", (-0.5, 0.75)), ("leaky_relu"
 def f32(*shape: int) -> np.ndarray:
     return RNG.standard_normal(shape).astype(np.float32)
 
-
-def check(graph: Graph, feeds: dict, target: str = "host") -> None:
-    got, want = lowbit.compile(graph, target).run(feeds), lowbit.run_reference(graph, feeds)
-    for name, expected in want.items():
-        assert got[name].shape == expected.shape, name
-        scale = float(np.nanmax(np.abs(expected), initial=0.0))
-        np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-5 * max(scale, 1e-30), err_msg=name)
 
 
 def inputs(graph: Graph, **arrays: np.ndarray):
