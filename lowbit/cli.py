@@ -16,7 +16,7 @@ import numpy as np
 import lowbit
 from lowbit.backends.native.target import NAMED_TARGETS
 from lowbit.errors import InputError, LowbitError
-from lowbit.ir import Graph, Value
+from lowbit.ir import Graph, TensorType, Value
 
 USAGE_ERROR = 2
 ARGMAX_ROWS = 10
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add_model(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("model", metavar="MODEL", help="an ONNX model (.onnx) or a lowbit IR text file (.lbir)")
+        sub.add_argument("model", metavar="MODEL", help="an ONNX model (.onnx) or a lowbit IR text file (.lbir)"
+                                                        " (for run also an artifact folder from lowbit compile)")
         sub.add_argument("--batch-size", type=_positive_int, metavar="N",
                          help="bind a symbolic batch dimension of an ONNX model to N (default 1)")
 
@@ -51,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --ir, write every weight in full (the text then round-trips as .lbir)")
     inspect.set_defaults(handler=cmd_inspect)
 
-    run = commands.add_parser("run", help="run a model with the reference interpreter",
-                              description="Run a model with the reference (numpy) interpreter.")
+    run = commands.add_parser("run", help="run a model with the reference interpreter, or a compiled artifact",
+                              description="Run a model with the reference (numpy) interpreter, or an artifact "
+                                          "folder written by `lowbit compile` with its native code.")
     add_model(run)
     run.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]FILE.npy",
                      help="feed for input NAME (repeat per input); NAME= may be left out for a one-input model")
@@ -349,14 +351,25 @@ def _format_bytes(count: int) -> str:
 
 # -- run -------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> None:
-    graph = load_model(args)
-    feeds = _read_feeds(graph, args.input)
-    try:
-        results = lowbit.run_reference(graph, feeds)
-    except InputError as error:
-        raise InputError(f"{error}{_batch_hint(graph, feeds)}") from None
-    for name, value in zip(graph.output_names, graph.outputs):
-        print(_summary(name, value, results[name]))
+    if Path(args.model).is_dir():  # an artifact folder from `lowbit compile`: its native code runs
+        if args.batch_size is not None:
+            raise CliError(f"--batch-size applies to ONNX models; the shapes of '{args.model}' are fixed")
+        artifact = lowbit.load(args.model)
+        signature = Graph("artifact")
+        for spec in artifact.inputs:
+            signature.add_input(spec.name, TensorType(spec.shape, spec.dtype))
+        results = artifact.run(_read_feeds(signature, args.input))
+        types = [(spec.name, TensorType(spec.shape, spec.dtype)) for spec in artifact.outputs]
+    else:
+        graph = load_model(args)
+        feeds = _read_feeds(graph, args.input)
+        try:
+            results = lowbit.run_reference(graph, feeds)
+        except InputError as error:
+            raise InputError(f"{error}{_batch_hint(graph, feeds)}") from None
+        types = [(name, value.type) for name, value in zip(graph.output_names, graph.outputs)]
+    for name, type in types:
+        print(_summary(name, type, results[name]))
     if args.output:
         # Through a file object, since np.savez would append '.npz' to a path that lacks it.
         with open(args.output, "wb") as file:
@@ -406,8 +419,8 @@ def _batch_hint(graph: Graph, feeds: dict[str, np.ndarray]) -> str:
     return ""
 
 
-def _summary(name: str, value: Value, array: np.ndarray) -> str:
-    text = f"output '{name}': {value.type}"
+def _summary(name: str, type: TensorType, array: np.ndarray) -> str:
+    text = f"output '{name}': {type}"
     if array.size and array.dtype.kind in "fiub":
         values = array.astype(np.float64)
         text += f"  min={values.min():.6g} max={values.max():.6g} mean={values.mean():.6g}"

@@ -222,3 +222,18 @@ def test_prune_with_calibration_prints_the_summary(tmp_path):
     assert ran.returncode == 0 and "argmax=[4]" in ran.stdout
     bad = lowbit_cli("prune", str(data / "digits_cnn.onnx"), "-m", "bogus:1", "-o", str(out))
     assert bad.returncode == 2 and bad.stderr.startswith("lowbit: error: unknown pruning method 'bogus'")
+
+
+def test_compile_quantized_and_run_the_artifact_folder(tmp_path):
+    """The README's first command: quantize + compile the example, then run the artifact natively."""
+    data = ROOT / "tests" / "data"
+    folder = tmp_path / "digits_int8"
+    built = lowbit_cli("compile", str(EXAMPLE), "--quantize", "int8", "--calibration", str(data / "digits_calib.npz"),
+                       "--calibration-array", "input=x", "-o", str(folder))
+    assert built.returncode == 0, built.stderr
+    assert {p.name for p in folder.iterdir()} >= {"model.so", "model.h", "weights.bin", "manifest.json"}
+    ran = lowbit_cli("run", str(folder), "--input", str(EXAMPLE_INPUT))
+    assert ran.returncode == 0, ran.stderr
+    assert "output 'logits': f32[1,10]" in ran.stdout and "argmax=[4]" in ran.stdout
+    bad = lowbit_cli("run", str(folder), "--input", str(EXAMPLE_INPUT), "--batch-size", "2")
+    assert bad.returncode == 2 and "shapes of" in bad.stderr
