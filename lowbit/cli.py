@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=_positive_int, metavar="N",
                          help="bind a symbolic batch dimension of an ONNX model to N (default 1)")
 
+    def add_calibration(sub: argparse.ArgumentParser, purpose: str) -> None:
+        sub.add_argument("--calibration", "-c", metavar="CALIB.npz", help=purpose)
+        sub.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
+                         help="read input INPUT from the .npz array ARRAY (when the names differ)")
+
     inspect = commands.add_parser("inspect", help="print inputs, outputs, op counts and parameters",
                                   description="Print a model's inputs, outputs, op histogram and parameter size.")
     add_model(inspect)
@@ -76,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="post-training quantization to int8 (or int16/int4)",
                                    description="Quantize a model with calibration data; save the result as .lbir.")
     add_model(quantize)
-    quantize.add_argument("--calibration", "-c", metavar="CALIB.npz",
-                          help="one array per input name, samples along the first axis (static mode)")
-    quantize.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
-                          help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    add_calibration(quantize, "one array per input name, samples along the first axis (static mode)")
     quantize.add_argument("--mode", choices=("static", "dynamic", "weight_only"), default="static")
     quantize.add_argument("--method", choices=("minmax", "percentile", "entropy", "mse"), default="minmax",
                           help="calibration observer (default minmax)")
@@ -101,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", "-m", action="append", required=True, metavar="SPEC",
                        help="magnitude:SPARSITY[:layer|global], random:SPARSITY[:SEED], nm:N:M, block:RxC:SPARSITY "
                             "or filters:RATIO (repeat to apply several in order)")
-    prune.add_argument("--calibration", "-c", metavar="CALIB.npz",
-                       help="one array per input name; turns on the weight update")
-    prune.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
-                       help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    add_calibration(prune, "one array per input name; turns on the weight update")
     prune.add_argument("--no-update", action="store_true",
                        help="with --calibration: no weight update (errors still reported)")
     prune.add_argument("--exclude", action="append", default=[], metavar="NODE_OR_OP", help="leave dense (repeatable)")
@@ -129,10 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prune first, e.g. magnitude:0.9 or nm:2:4 (repeatable; see lowbit prune)")
     compile_.add_argument("--quantize", choices=("int8", "int7", "dynamic"),
                           help="quantize after pruning: static int8 (int7: 7-bit weights) or dynamic")
-    compile_.add_argument("--calibration", "-c", metavar="CALIB.npz",
-                          help="calibration data for --quantize (static) and for the pruning update")
-    compile_.add_argument("--calibration-array", action="append", default=[], metavar="INPUT=ARRAY",
-                          help="read input INPUT from the .npz array ARRAY (when the names differ)")
+    add_calibration(compile_, "calibration data for --quantize (static) and for the pruning update")
     compile_.set_defaults(handler=cmd_compile)
 
     tune = commands.add_parser("tune", help="measure this machine's sparse vs dense kernel costs",
