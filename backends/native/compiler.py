@@ -2,7 +2,6 @@
 compiled in-process (JIT) and run with numpy arrays."""
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -21,7 +20,7 @@ from lowbit.backends.reference import check_feeds
 from lowbit.errors import LowbitError
 from lowbit.ir import Graph, verify
 from lowbit.kernels.copy import copy_kernel
-from lowbit.kernels.llvm import JitModule, emit_object, new_module
+from lowbit.kernels.llvm import FFI, JitModule, emit_object, new_module
 
 RUN = "lowbit_run"
 
@@ -99,8 +98,11 @@ class CompiledModel:
         self.arena_bytes = entry.arena_bytes
         self.weights = np.frombuffer(entry.weights, np.uint8).copy() if entry.weights else np.zeros(1, np.uint8)
         self._jit = JitModule.from_object(entry.code, target, Target.host())
-        self._run = self._jit.function(RUN, None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p)
+        # cffi calls cost ≈ 1 µs against ≈ 8 µs for ctypes: it matters for small models run one sample at a time.
+        self._run = self._jit.cffi_function(RUN, "void(*)(void **, void **, void *, void *)")
+        self._weights_pointer = FFI.from_buffer(self.weights)
+        self._signature = [(v.name, v.type.shape, v.type.dtype.numpy) for v in graph.inputs]
+        self._results = [(v.type.shape, v.type.dtype.numpy) for v in graph.outputs]
         self.compile_seconds = time.perf_counter() - start
         self._local = threading.local()
 
@@ -124,17 +126,44 @@ class CompiledModel:
         return export(self, out, target=target, emit=emit)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        checked = check_feeds(self.graph, feeds)
-        inputs = [np.ascontiguousarray(checked[v.name]) for v in self.graph.inputs]
-        outputs = [np.empty(v.type.shape, v.type.dtype.numpy) for v in self.graph.outputs]
-        arena = getattr(self._local, "arena", None)
-        if arena is None:  # one arena per calling thread keeps concurrent runs apart
-            arena = self._local.arena = np.empty(max(self.arena_bytes, 1), np.uint8)
-        input_table = (ctypes.c_void_p * max(len(inputs), 1))(*[a.ctypes.data for a in inputs])
-        output_table = (ctypes.c_void_p * max(len(outputs), 1))(*[a.ctypes.data for a in outputs])
-        self._run(ctypes.addressof(input_table), ctypes.addressof(output_table), arena.ctypes.data,
-                  self.weights.ctypes.data)
+        inputs = self._exact_feeds(feeds)
+        if inputs is None:  # something to convert or to complain about: the reference's checks say what
+            checked = check_feeds(self.graph, feeds)
+            inputs = [np.ascontiguousarray(checked[v.name]) for v in self.graph.inputs]
+        outputs = [np.empty(shape, dtype) for shape, dtype in self._results]
+        slots = getattr(self._local, "slots", None)
+        if slots is None:  # one arena and pointer table per calling thread keeps concurrent runs apart
+            slots = self._local.slots = _RunSlots(self.arena_bytes, len(inputs), len(outputs))
+        # from_buffer is the cheapest way to a numpy array's address (≈ 0.3 µs; `.ctypes.data` ≈ 1.2 µs).
+        for index, array in enumerate(inputs):
+            slots.inputs[index] = FFI.from_buffer(array)
+        for index, array in enumerate(outputs):
+            slots.outputs[index] = FFI.from_buffer(array)
+        self._run(slots.inputs, slots.outputs, slots.arena, self._weights_pointer)
         return dict(zip(self.graph.output_names, outputs))
+
+    def _exact_feeds(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray] | None:
+        """The feeds in input order when each is already a C-contiguous array of the exact shape and dtype."""
+        if len(feeds) != len(self._signature):
+            return None
+        arrays = []
+        for name, shape, dtype in self._signature:
+            array = feeds.get(name)
+            if (type(array) is not np.ndarray or array.shape != shape or array.dtype != dtype
+                    or not array.flags.c_contiguous):
+                return None
+            arrays.append(array)
+        return arrays
+
+
+class _RunSlots:
+    """A calling thread's arena and the pointer tables the generated `lowbit_run` reads."""
+
+    def __init__(self, arena_bytes: int, inputs: int, outputs: int) -> None:
+        self.arena_memory = np.empty(max(arena_bytes, 1), np.uint8)
+        self.arena = FFI.from_buffer(self.arena_memory)
+        self.inputs = FFI.new("void *[]", max(inputs, 1))
+        self.outputs = FFI.new("void *[]", max(outputs, 1))
 
 
 def compile_graph(graph: Graph, target: str | Target = "host", num_threads: int = 1,
