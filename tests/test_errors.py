@@ -1,6 +1,7 @@
 """Errors a user can cause: each raises its specific lowbit error, and the message names the problem."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -155,16 +156,22 @@ def test_unsupported_domain_names_it():
         lowbit.import_onnx(onnx_model([node]))
 
 
-# -- feeds to the reference interpreter ---------------------------------------------------------------
+# -- feeds to the reference interpreter and to a compiled model -----------------------------------------
 @pytest.mark.parametrize("feeds, pattern", [
     ({"b": np.ones((1, 4), np.float32)}, r"unknown input name\(s\) \['b'\].*\['a'\]"),
+    ({"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.float32)}, r"unknown input name\(s\) \['b'\]"),
     ({}, r"missing feed\(s\) for input\(s\) \['a'\]"),
     ({"a": np.ones((2, 4), np.float32)}, r"input 'a' expects shape \[1, 4\], got \[2, 4\]"),
+    ({"a": np.ones(4, np.float32)}, r"input 'a' expects shape \[1, 4\], got \[4\]"),
     ({"a": np.ones((1, 4), np.float64)}, r"input 'a' expects dtype f32.*got float64"),
+    ({"a": [[1, 2, 3, 4]]}, r"input 'a' expects dtype f32.*got int64"),
 ])
-def test_wrong_feeds(feeds, pattern):
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_wrong_feeds(feeds, pattern, backend):
+    graph = relu_neg_graph()
+    run = lowbit.compile(graph).run if backend == "native" else functools.partial(lowbit.run_reference, graph)
     with pytest.raises(InputError, match=pattern):
-        lowbit.run_reference(relu_neg_graph(), feeds)
+        run(feeds)
 
 
 # -- the verifier -----------------------------------------------------------------------------------

@@ -13,13 +13,15 @@ How a case runs:
   constant", bind every non-float input to its test data (`constant_inputs`) and retry; if it still
   says so, bind every input but the first (float operands such as Resize's scales), and last every
   input (Range's float start; the node then folds to a constant, still computed by the reference).
-- The graph runs with `lowbit.run_reference`; each output must have the expected dtype and shape,
-  integer and bool outputs must be equal, float outputs close (rtol 1e-3, atol 1e-5, or the case's
-  own tolerances where looser; NaN equals NaN). rtol is at least two units in the last place of the
-  output's type, so float16 results may differ by the rounding of intermediate float16 values.
+- The graph runs on a backend: "reference" (`lowbit.run_reference`) or "native" (`lowbit.compile(graph,
+  "host")`, through the on-disk compile cache like any compile). Each output must have the expected
+  dtype and shape, integer and bool outputs must be equal, float outputs close (rtol 1e-3, atol 1e-5,
+  or the case's own tolerances where looser; NaN equals NaN). rtol is at least two units in the last
+  place of the output's type, so float16 results may differ by the rounding of intermediate float16 values.
 
-A failing case of a supported op type must be listed with a reason in `exclusions.txt`
-(`python tools/update_conformance_exclusions.py` rewrites it).
+The native backend runs the cases the reference passes. A failing case must be listed with a reason in
+the backend's exclusions file, `exclusions.txt` or `native_exclusions.txt`
+(`python tools/update_conformance_exclusions.py [--backend native]` rewrites it).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 from onnx.backend.test.case.node import collect_testcases
 from onnx.backend.test.case.test_case import TestCase
@@ -41,7 +44,9 @@ import lowbit
 from lowbit.errors import LowbitError, UnsupportedOpError
 from lowbit.frontends.onnx.registry import CONVERTERS
 
-EXCLUSIONS_PATH = Path(__file__).with_name("exclusions.txt")
+BACKENDS = ("reference", "native")
+EXCLUSION_FILES = {"reference": Path(__file__).with_name("exclusions.txt"),
+                   "native": Path(__file__).with_name("native_exclusions.txt")}
 RTOL = 1e-3
 ATOL = 1e-5
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -83,11 +88,20 @@ def split_cases() -> tuple[list[TestCase], list[TestCase]]:
     return supported, unsupported
 
 
-def run_case(case: TestCase) -> str | None:
-    """None when lowbit reproduces every data set of `case`, else one line saying why not."""
+def backend_cases(backend: str) -> list[TestCase]:
+    """The cases a backend runs: every supported one on the reference, those it passes natively."""
+    supported, _ = split_cases()
+    if backend == "reference":
+        return supported
+    failing = load_exclusions("reference")
+    return [case for case in supported if case.name not in failing]
+
+
+def run_case(case: TestCase, backend: str = "reference") -> str | None:
+    """None when lowbit's `backend` reproduces every data set of `case`, else one line saying why not."""
     try:
         for inputs, expected in case.data_sets:
-            failure = _run_data_set(case, [_array(x) for x in inputs], [_array(x) for x in expected])
+            failure = _run_data_set(case, [_array(x) for x in inputs], [_array(x) for x in expected], backend)
             if failure:
                 return failure
     except LowbitError as error:
@@ -98,14 +112,15 @@ def run_case(case: TestCase) -> str | None:
     return None
 
 
-def _run_data_set(case: TestCase, inputs: list[np.ndarray], expected: list[np.ndarray]) -> str | None:
+def _run_data_set(case: TestCase, inputs: list[np.ndarray], expected: list[np.ndarray], backend: str) -> str | None:
     model = case.model
     initializers = {t.name for t in model.graph.initializer}
     names = [info.name for info in model.graph.input if info.name not in initializers]
     data = dict(zip(names, inputs))
     model = _with_data_shapes(model, data)
     graph = _import(model, names, data)
-    results = lowbit.run_reference(graph, {value.name: data[value.name] for value in graph.inputs})
+    feeds = {value.name: data[value.name] for value in graph.inputs}
+    results = lowbit.compile(graph, "host").run(feeds) if backend == "native" else lowbit.run_reference(graph, feeds)
     rtol, atol = max(RTOL, case.rtol), max(ATOL, case.atol)
     for info, want in zip(model.graph.output, expected):
         failure = _compare(info.name, results[info.name], want, rtol, atol)
@@ -177,8 +192,9 @@ def _first_difference(got: np.ndarray, want: np.ndarray) -> str:
     return f" (first at {list(index)}: {got[index]!r}, expected {want[index]!r})"
 
 
-def load_exclusions(path: Path = EXCLUSIONS_PATH) -> dict[str, str]:
+def load_exclusions(backend: str = "reference") -> dict[str, str]:
     """Excluded case name → reason, from lines `name: reason` (`#` starts a comment line)."""
+    path = EXCLUSION_FILES[backend]
     exclusions = {}
     if not path.exists():
         return exclusions
@@ -193,14 +209,39 @@ def load_exclusions(path: Path = EXCLUSIONS_PATH) -> dict[str, str]:
     return exclusions
 
 
-HEADER = """\
+HEADERS = {
+    "reference": """\
 # ONNX node test cases (onnx.backend.test) of op types lowbit supports that it does not pass.
 # One `case_name: reason` per line. tests/conformance/test_onnx_node.py fails when a case not
 # listed here fails, and when a listed case passes or no longer exists.
 # Refresh with `python tools/update_conformance_exclusions.py` (keeps reasons, marks new ones TODO).
-"""
+""",
+    "native": """\
+# ONNX node test cases that lowbit's reference interpreter passes and its native backend does not.
+# One `case_name: reason` per line. tests/conformance/test_native.py fails when a case not listed
+# here fails natively, and when a listed case passes or is no longer run.
+# Refresh with `python tools/update_conformance_exclusions.py --backend native`.
+""",
+}
 
 
-def write_exclusions(exclusions: dict[str, str], path: Path = EXCLUSIONS_PATH) -> None:
+def parameters(backend: str) -> list:
+    """The backend's cases as pytest parameters, each excluded one a strict xfail with its reason."""
+    exclusions = load_exclusions(backend)
+    return [pytest.param(case, id=case.name, marks=[pytest.mark.xfail(reason=exclusions[case.name], strict=True)]
+                         if case.name in exclusions else []) for case in backend_cases(backend)]
+
+
+def stale_exclusions(backend: str) -> list[str]:
+    """Excluded cases the backend does not run (gone from onnx, unsupported, or failing on the reference)."""
+    return sorted(set(load_exclusions(backend)) - {case.name for case in backend_cases(backend)})
+
+
+def exclusions_without_reason(backend: str) -> list[str]:
+    """Excluded cases still marked TODO by the update script."""
+    return sorted(name for name, reason in load_exclusions(backend).items() if reason.startswith(TODO_REASON))
+
+
+def write_exclusions(exclusions: dict[str, str], backend: str = "reference") -> None:
     lines = [f"{name}: {reason}" for name, reason in sorted(exclusions.items())]
-    path.write_text(HEADER + "\n".join(lines) + ("\n" if lines else ""))
+    EXCLUSION_FILES[backend].write_text(HEADERS[backend] + "\n".join(lines) + ("\n" if lines else ""))

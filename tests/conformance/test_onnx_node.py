@@ -8,17 +8,8 @@ from __future__ import annotations
 import onnx_conformance
 import pytest
 
-SUPPORTED, _ = onnx_conformance.split_cases()
-EXCLUSIONS = onnx_conformance.load_exclusions()
 
-
-def _param(case):
-    reason = EXCLUSIONS.get(case.name)
-    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-    return pytest.param(case, id=case.name, marks=marks)
-
-
-@pytest.mark.parametrize("case", [_param(case) for case in SUPPORTED])
+@pytest.mark.parametrize("case", onnx_conformance.parameters("reference"))
 def test_onnx_node(case) -> None:
     failure = onnx_conformance.run_case(case)
     if failure:
@@ -27,11 +18,11 @@ def test_onnx_node(case) -> None:
 
 def test_exclusions_name_supported_cases() -> None:
     """Every excluded case exists and is of a supported op type (else the entry is stale)."""
-    stale = sorted(set(EXCLUSIONS) - {case.name for case in SUPPORTED})
+    stale = onnx_conformance.stale_exclusions("reference")
     assert not stale, f"exclusions.txt lists cases that are not run: {stale}"
 
 
 def test_exclusions_give_reasons() -> None:
     """The update script marks new exclusions TODO; each needs a real reason before it is committed."""
-    todo = sorted(name for name, reason in EXCLUSIONS.items() if reason.startswith(onnx_conformance.TODO_REASON))
+    todo = onnx_conformance.exclusions_without_reason("reference")
     assert not todo, f"exclusions.txt needs reasons for: {todo}"

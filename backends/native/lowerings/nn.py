@@ -2,30 +2,24 @@
 
 All of them run on the float32 GEMM template (`lowbit.kernels.gemm_f32`); constant weights are packed
 into the template's panel layouts here, at compile time; run-time weights are packed by a kernel
-before every run.
+before every run. Float16 and float64 nodes run through float32 (`float_width`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from lowbit.backends.native.lowering import LowerContext, lowering
+from lowbit.backends.native.lowerings.float_width import in_float32
 from lowbit.backends.native.sparse_selection import lower_sparse_linear
-from lowbit.errors import UnsupportedOpError
-from lowbit.ir import DType, Node, constant_value
+from lowbit.ir import Node, constant_value
 from lowbit.kernels.conv import (conv2d_spec, conv_scratch_bytes, conv_transpose2d_spec, emit_conv,
                                  pack_conv_weights, transposed_weights)
 from lowbit.kernels.gemm_f32 import (AttentionSpec, Batched, Epilogue, GemmSpec, choose_tile, default_tile,
                                      emit_attention, emit_batched_gemm, emit_gather, pack_b, prefer_m_outer)
-
-
-def _require_f32(node: Node) -> None:
-    dtype = node.inputs[0].type.dtype
-    if dtype is not DType.f32:
-        raise UnsupportedOpError(f"{node.describe()}: the native backend computes {node.op} in float32 only, "
-                                 f"not {dtype}")
 
 
 def _has(node: Node, index: int) -> bool:
@@ -51,15 +45,16 @@ def _batch_strides(shape: Sequence[int], batch: Sequence[int], matrix: int) -> t
 
 
 def _call_batched(ctx: LowerContext, node: Node, spec: Batched, b_buffer, extra: list) -> None:
+    spec = replace(spec, threads=ctx.num_threads)
     kernel = ctx.kernel(("gemm_f32", spec), lambda module, name: emit_batched_gemm(module, spec, name))
-    scratch = [ctx.scratch(spec.scratch_bytes)] if not spec.packed else []
-    ctx.call(kernel, [ctx.operand(0), b_buffer, *extra, ctx.result(0), *scratch])
+    scratch = [ctx.scratch(spec.scratch_bytes, per_thread=True)] if not spec.packed else []
+    ctx.call(kernel, [ctx.operand(0), b_buffer, *extra, ctx.result(0), *scratch], parallel=True)
 
 
 @lowering("linear")
+@in_float32
 def lower_linear(ctx: LowerContext, node: Node) -> None:
     """x [..., K] · wᵀ: the rows of x are A; w [N, K] is B transposed, packed now when constant."""
-    _require_f32(node)
     x = node.inputs[0].type
     n, k = node.inputs[1].type.shape
     if lower_sparse_linear(ctx, node, _epilogue(node, "col", n)):
@@ -76,9 +71,9 @@ def lower_linear(ctx: LowerContext, node: Node) -> None:
 
 
 @lowering("matmul")
+@in_float32
 def lower_matmul(ctx: LowerContext, node: Node) -> None:
     """numpy matmul with broadcast batch axes; B packed now when constant, else per batch index."""
-    _require_f32(node)
     a_shape, b_shape = node.inputs[0].type.shape, node.inputs[1].type.shape
     rows_shape = (1,) + a_shape if len(a_shape) == 1 else a_shape
     cols_shape = b_shape + (1,) if len(b_shape) == 1 else b_shape
@@ -124,14 +119,16 @@ def _lower_conv(ctx: LowerContext, node: Node, spec, arrange: Callable[[np.ndarr
         gather = ctx.kernel(("gather_f32", table.size), lambda module, name: emit_gather(module, table.size, name))
         packed = ctx.scratch(4 * table.size, "conv weights")
         ctx.call(gather, [ctx.operand(1), ctx.constant(table, "conv weight order"), packed])
+    spec = replace(spec, threads=ctx.num_threads)
     kernel = ctx.kernel(("conv_f32", spec), lambda module, name: emit_conv(module, spec, name))
     extra = [ctx.operand(i) for i in (2, 3) if _has(node, i)]
-    ctx.call(kernel, [ctx.operand(0), packed, *extra, ctx.result(0), ctx.scratch(conv_scratch_bytes(spec))])
+    ctx.call(kernel, [ctx.operand(0), packed, *extra, ctx.result(0),
+                      ctx.scratch(conv_scratch_bytes(spec), per_thread=True)], parallel=True)
 
 
 @lowering("conv2d")
+@in_float32
 def lower_conv2d(ctx: LowerContext, node: Node) -> None:
-    _require_f32(node)
     attrs = node.attrs
     w_shape = node.inputs[1].type.shape
     spec = conv2d_spec(node.inputs[0].type.shape, w_shape, attrs["strides"], attrs["pads"], attrs["dilations"],
@@ -141,9 +138,9 @@ def lower_conv2d(ctx: LowerContext, node: Node) -> None:
 
 
 @lowering("conv_transpose2d")
+@in_float32
 def lower_conv_transpose2d(ctx: LowerContext, node: Node) -> None:
     """As the reference: a convolution of the zero-inserted, padded input with the flipped kernel."""
-    _require_f32(node)
     attrs = node.attrs
     w_shape = node.inputs[1].type.shape
     spec = conv_transpose2d_spec(node.inputs[0].type.shape, w_shape, attrs["strides"], attrs["pads"],
@@ -153,8 +150,8 @@ def lower_conv_transpose2d(ctx: LowerContext, node: Node) -> None:
 
 
 @lowering("attention")
+@in_float32
 def lower_attention(ctx: LowerContext, node: Node) -> None:
-    _require_f32(node)
     q, k_t, v = (node.inputs[i].type.shape for i in range(3))
     sq, d = q[-2:]
     sk, dv = v[-2:]
@@ -170,4 +167,4 @@ def lower_attention(ctx: LowerContext, node: Node) -> None:
                          default_tile(ctx.target), node.attrs["zero_nan_probs"], **mask)
     kernel = ctx.kernel(("attention_f32", spec), lambda module, name: emit_attention(module, spec, name))
     operands = [ctx.operand(i) for i in range(4 if spec.mask else 3)]
-    ctx.call(kernel, [*operands, ctx.result(0), ctx.scratch(spec.scratch_bytes)])
+    ctx.call(kernel, [*operands, ctx.result(0), ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
