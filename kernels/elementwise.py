@@ -11,18 +11,20 @@ Values are computed in a type per storage type: f16 is computed in f32 (numpy's 
 the same and rounds the result once), bool as i1, i4/u4 in their i8/u8 storage (as the reference).
 
 Float math: sqrt, floor, ceil, round (half to even), fabs use LLVM intrinsics (one instruction each).
-exp, log, tanh and erf of f32 are vectorised: Cephes' expf/logf reductions and coefficients, Eigen's
-rational tanh, and for erf a fit made for this module (least squares on Chebyshev nodes in float64:
-erf(x)/x as a polynomial in x² below |x| = 0.921875, log erfc(x) as a polynomial in x up to 4.5).
-Measured against float64 on dense grids: exp and log ≤ 1 ulp, tanh 3e-7 relative, erf 2e-7, erfc
-(gelu's negative tail) 3e-6. sigmoid, softplus, elu, gelu are built from them with the reference's
-formulas, rearranged where f32 would cancel (log1p, expm1, 1 + erf): all within 3e-7 relative where
-|f| > 1e-6. f64 math and the rarely used functions (sin, cos, tan, inverse and hyperbolic ones, pow,
-fmod) call libm, in scalar loops.
+exp, log, tanh and erf of f32 are vectorised: exp is numpy's own float32 algorithm (`exp_f32`), so exp,
+sigmoid and softmax match the reference bit for bit on x86 (where numpy runs it); Cephes' logf (and its
+expf inside erf, where numpy's exp plays no part), Eigen's rational tanh, and for erf a fit made for this
+module (least squares on Chebyshev nodes in float64: erf(x)/x as a polynomial in x² below |x| = 0.921875,
+log erfc(x) as a polynomial in x up to 4.5). Measured against float64 on dense grids: exp ≤ 3 ulp (as
+numpy's), log ≤ 1 ulp, tanh 3e-7 relative, erf 2e-7, erfc (gelu's negative tail) 3e-6. sigmoid,
+softplus, elu, gelu are built from them with the reference's formulas, rearranged where f32 would cancel
+(log1p, expm1, 1 + erf): all within 3e-7 relative where |f| > 1e-6. f64 math and the rarely used
+functions (sin, cos, tan, inverse and hyperbolic ones, pow, fmod) call libm, in scalar loops.
 """
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -167,12 +169,76 @@ ERF_SMALL = (-0.0006024643662385643, 0.005000903271138668, -0.026772962883114815
 ERFC_LOG = (1.4901471558914636e-06, -4.3244450353085995e-05, 0.0005739744519814849, -0.004657210782170296,
             0.02614409662783146, -0.10961753875017166, -0.6322910189628601, -1.1299761533737183,
             0.00026010331930592656)
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to float32, as C's `1.0e-1f` literals are."""
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+# numpy's float32 exp (`simd_exp_f32`, numpy/_core/src/umath/loops_exponent_log.dispatch.c.src and the
+# constants of npy_simd_data.h), the one the reference interpreter runs on x86 with AVX2 or AVX-512F:
+# Cody–Waite reduction by round(x·log2 e), a rational P5/Q2 approximation and an exact scaling by 2^k.
+NP_EXP_MAX, NP_EXP_MIN = _f32(88.72283935546875), _f32(-103.97208404541015625)
+NP_LOG2E = _f32(1.442695040888963407359924681001892137)
+NP_LN2_HI, NP_LN2_LO = _f32(-6.93145752e-1), _f32(-1.42860677e-6)
+NP_EXP_P = tuple(_f32(c) for c in (5.082762527590693718096e-04, 6.757896990527504603057e-03,
+                                   5.114512081637298353406e-02, 2.473615434895520810817e-01,
+                                   7.257664613233124478488e-01, 9.999999999980870924916e-01))
+NP_EXP_Q = tuple(_f32(c) for c in (2.159509375685829852307e-02, -2.742335390411667452936e-01, 1.0))
+
+
+def exp_f32(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp of a float32 scalar or vector, bit-identical to numpy's SIMD float32 exp (the reference's on x86
+    with AVX2/AVX-512F; elsewhere numpy calls libm's expf, which differs from it by at most 3 ulp).
+
+    Lanes at or beyond the limits give inf and 0, NaN stays NaN. The final scaling by 2^k, k in [-150, 128],
+    is exact with one rounding (what AVX-512's `vscalefps` does): the value is first scaled into the normal
+    range by 2^(k∓64) or 2^(k−1), exactly, then by the power of two that remains, rounding once.
+    """
+    vector_type = x.type if isinstance(x.type, ir.VectorType) else None
+
+    def const(kind: ir.Type, value) -> ir.Constant:
+        return ir.Constant(vector(kind, vector_type.count), [value] * vector_type.count) if vector_type \
+            else ir.Constant(kind, value)
+
+    def f(value: float) -> ir.Constant:
+        return const(F32, value)
+
+    def fma(a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:  # numpy's FMA: always fused
+        return _call_intrinsic(builder, "fma", a, b, c)
+
+    def power_of_two(k: ir.Value) -> ir.Value:
+        return builder.bitcast(builder.shl(builder.add(k, const(I32, 127)), const(I32, 23)), x.type)
+
+    b = builder
+    number = b.fcmp_ordered("ord", x, x)
+    over = b.fcmp_ordered(">=", x, f(NP_EXP_MAX))
+    under = b.fcmp_ordered("<=", x, f(NP_EXP_MIN))
+    inside = b.select(b.or_(over, under), f(0.0), b.select(number, x, f(0.0)))
+    k = _call_intrinsic(b, "rint", b.fmul(inside, f(NP_LOG2E)))
+    r = fma(k, f(NP_LN2_LO), fma(k, f(NP_LN2_HI), inside))
+    numerator, denominator = f(NP_EXP_P[0]), f(NP_EXP_Q[0])
+    for c in NP_EXP_P[1:]:
+        numerator = fma(numerator, r, f(c))
+    for c in NP_EXP_Q[1:]:
+        denominator = fma(denominator, r, f(c))
+    poly = b.fdiv(numerator, denominator)
+    whole = b.fptosi(k, vector(I32, vector_type.count) if vector_type else I32)
+    low, high = b.icmp_signed("<", whole, const(I32, -64)), b.icmp_signed(">", whole, const(I32, 64))
+    rest = b.select(low, const(I32, -64), b.select(high, const(I32, 1), const(I32, 0)))
+    y = b.fmul(b.fmul(poly, power_of_two(b.sub(whole, rest))), power_of_two(rest))
+    y = b.select(over, f(math.inf), b.select(under, f(0.0), y))
+    return b.select(number, y, x)
+
+
 ROUND_MAGIC = 12582912.0  # 1.5·2^23: adding it leaves a float's integer value in the low mantissa bits
 
 
-def exp(e: Emit, x: ir.Value) -> ir.Value:
-    if e.is_double(x):
-        return e.intrinsic("exp", x)
+def _exp_polynomial(e: Emit, x: ir.Value) -> ir.Value:
+    """Cephes' expf: within about 1 ulp, subnormal results included, 0 and inf beyond the range, and no
+    division; for approximations whose reference is not numpy's exp (erf's tail), where `exp_f32` would
+    only cost time."""
     b = e.b
     x = e.clamp(x, -104.0, 88.73)  # beyond: 0 and inf come out of the scaling below
     n = e.intrinsic("roundeven", b.fmul(x, e.const(x, LOG2E)))
@@ -185,6 +251,18 @@ def exp(e: Emit, x: ir.Value) -> ir.Value:
     half = b.ashr(whole, e.const(whole, 1))
     scales = [e.from_bits(b.shl(b.add(k, e.const(k, 127)), e.const(k, 23))) for k in (half, b.sub(whole, half))]
     return b.fmul(b.fmul(p, scales[0]), scales[1])
+
+
+def _call_intrinsic(builder: ir.IRBuilder, name: str, *args: ir.Value) -> ir.Value:
+    kind = args[0].type
+    suffix = f"v{kind.count}f32" if isinstance(kind, ir.VectorType) else "f32"
+    return builder.call(declare(builder.module, f"llvm.{name}.{suffix}", kind, *(a.type for a in args)), list(args))
+
+
+def exp(e: Emit, x: ir.Value) -> ir.Value:
+    if e.is_double(x):
+        return e.intrinsic("exp", x)
+    return exp_f32(e.b, x)
 
 
 def log(e: Emit, x: ir.Value) -> ir.Value:
@@ -256,7 +334,7 @@ def _erf_parts(e: Emit, z: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
     b = e.b
     small = b.fmul(e.poly(b.fmul(z, z), ERF_SMALL), z)
     a = e.intrinsic("fabs", z)
-    tail = exp(e, e.poly(e.clamp(a, ERF_SPLIT, ERFC_END), ERFC_LOG))
+    tail = _exp_polynomial(e, e.poly(e.clamp(a, ERF_SPLIT, ERFC_END), ERFC_LOG))
     tail = b.select(e.gt(a, e.const(z, ERFC_END)), e.const(z, 0.0), tail)
     return small, tail, e.lt(a, e.const(z, ERF_SPLIT))
 

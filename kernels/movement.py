@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 from llvmlite import ir
 
 from lowbit.kernels.llvm import I1, I8, I64, VOID, TargetSpec, counted_loop, declare, pointer_at, splat
+from lowbit.kernels.parallel import new_parallel_kernel, share
 
 BYTE_PTR = I8.as_pointer()
 TILE = 16  # elements per side of a transpose block: 16 rows of 64-byte lines stay in L1
@@ -339,3 +340,59 @@ def gather_elements_kernel(module: ir.Module, name: str, data_shape: Sequence[in
     builder.ret_void()
     return function
 
+
+
+LOOKUP_LANES = 16
+LOOKUP_PADDING = 3  # bytes after a table: each lane gathers 4 bytes from its entry's first byte on
+
+
+def lookup_kernel(module: ir.Module, name: str, count: int, index: ir.IntType, signed: bool, offset: int,
+                  element: ir.Type) -> ir.Function:
+    """`name(x, table, out, thread, threads)`: out[i] = table[x[i] + offset] for the `count` integers x (of
+    type `index`, sign- or zero-extended), table and out holding `element`s (1, 2 or 4 bytes). `offset`
+    makes every value x can hold a valid position (−min of x's type). Parallel: each thread looks up its
+    share of the elements.
+
+    Vectors of 16 lanes gather 4 bytes per lane from the entry's address (`llvm.masked.gather`: one or two
+    gather instructions with AVX-512/AVX2) and keep the entry's low bytes (little-endian targets), so the
+    table needs `LOOKUP_PADDING` bytes after its end and no widening; the last elements go one by one.
+    """
+    function, builder, thread, threads = new_parallel_kernel(module, name, 3)
+    x, table, out = (builder.bitcast(arg, kind.as_pointer()) for arg, kind in
+                     zip(function.args[:3], (index, element, element)))
+    begin, end = share(builder, thread, threads, count)
+    width = element.width // 8 if isinstance(element, ir.IntType) else 4
+    word, lanes = ir.IntType(32), LOOKUP_LANES
+    words, longs = ir.VectorType(word, lanes), ir.VectorType(I64, lanes)
+    gather = declare(module, f"llvm.masked.gather.v{lanes}i32.v{lanes}p0", words,
+                     ir.VectorType(word.as_pointer(), lanes), word, ir.VectorType(I1, lanes), words)
+    table_address = builder.ptrtoint(function.args[1], I64)
+
+    def extend(b: ir.IRBuilder, value: ir.Value, kind: ir.Type) -> ir.Value:
+        return b.sext(value, kind) if signed else b.zext(value, kind)
+
+    def vector(b: ir.IRBuilder, v: ir.Value, carried: list) -> list:
+        at = b.add(begin, b.mul(v, i64(lanes)))
+        values = b.load(b.bitcast(b.gep(x, [at]), ir.VectorType(index, lanes).as_pointer()), align=1)
+        positions = b.mul(b.add(extend(b, values, longs), splat(b, i64(offset), lanes)), splat(b, i64(width), lanes))
+        pointers = b.inttoptr(b.add(splat(b, table_address, lanes), positions), gather.args[0].type)
+        found = b.call(gather, [pointers, ir.Constant(word, 1), ir.Constant(ir.VectorType(I1, lanes), [1] * lanes),
+                                ir.Constant(words, ir.Undefined)])
+        kind = ir.VectorType(element, lanes)
+        found = b.bitcast(found, kind) if width == 4 else b.trunc(found, kind)
+        b.store(found, b.bitcast(b.gep(out, [at]), kind.as_pointer()), align=1)
+        return carried
+
+    def one(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
+        at = b.add(tail, i)
+        position = b.add(extend(b, b.load(b.gep(x, [at])), I64), i64(offset))
+        b.store(b.load(b.gep(table, [position])), b.gep(out, [at]))
+        return carried
+
+    total = builder.sub(end, begin)
+    full = builder.udiv(total, i64(lanes))
+    counted_loop(builder, full, "lookup", body=vector)
+    tail = builder.add(begin, builder.mul(full, i64(lanes)))
+    counted_loop(builder, builder.sub(end, tail), "rest", body=one)
+    builder.ret_void()
+    return function

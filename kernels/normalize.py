@@ -1,13 +1,15 @@
 """Softmax, log-softmax, layer / instance / batch normalisation and LRN, as LLVM IR.
 
-Everything computes in f32 (f16 widens, f64 stays f64) along vectors of the contiguous axis:
-- softmax over the last axis reduces each contiguous row (max, then Σ exp(x - max) while storing the
-  exponentials, then one multiply by the reciprocal); over another axis, vectors run along the
-  contiguous inner axis and the reduced axis is walked with a stride;
-- layer and instance norm use two-pass statistics per row (the mean, then the mean of squared
-  deviations), as the reference does, so float32 needs no wider accumulator;
-- exp and log of f32 are vectorised Cephes polynomials (about 1 ulp; exp flushes results below
-  2^-126 to that bound rather than to denormals); f64 uses LLVM's intrinsics (libm).
+Everything computes in f32 (f16 widens, f64 stays f64) along vectors of the contiguous axis, with the
+reference interpreter's operations in its order, so that float32 results are bit-identical to it on x86
+(where numpy runs its own SIMD exp):
+- softmax over the last axis: max, exp(x - max) stored, their sum in numpy's pairwise order
+  (`reduce.pairwise_sum`), then a division of each by the sum; over another axis, vectors run along the
+  contiguous inner axis and the reduced axis is walked (and summed) in order;
+- layer and instance norm: two-pass statistics per row (the pairwise-summed mean, then the mean of
+  squared deviations), then (x - mean) / sqrt(variance + epsilon), · scale, + bias, each rounded;
+- exp of f32 is numpy's float32 algorithm (`elementwise.exp_f32`); log of f32 a vectorised Cephes
+  polynomial (about 1 ulp); f64 uses LLVM's intrinsics (libm).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from llvmlite import ir
 
 from lowbit.ir.dtypes import DType
 from lowbit.kernels import llvm as ll
+from lowbit.kernels.elementwise import exp_f32
 from lowbit.kernels.llvm import F32, I32, TargetSpec
-from lowbit.kernels.reduce import Arith, combiner, const, convert, kernel_function, nested_loops, reduce_row
+from lowbit.kernels.parallel import new_parallel_kernel, share
+from lowbit.kernels.reduce import (Arith, combiner, const, convert, kernel_function, nested_loops, pairwise_sum,
+                                   reduce_row)
 
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-             5.0000001201e-1)
 _LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
              -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
 _LN2_HIGH, _LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 split so that n·high is exact
@@ -44,33 +47,12 @@ def _polynomial(builder: ir.IRBuilder, x: ir.Value, coefficients: Sequence[float
     return result
 
 
-def _clamp(builder: ir.IRBuilder, x: ir.Value, low: float, high: float | None) -> ir.Value:
-    """x limited to [low, high] (no upper limit for None); NaN passes through."""
-    x = builder.select(builder.fcmp_ordered("<", x, _splat(low, x)), _splat(low, x), x)
-    if high is None:
-        return x
-    return builder.select(builder.fcmp_ordered(">", x, _splat(high, x)), _splat(high, x), x)
-
-
-def vector_exp(builder: ir.IRBuilder, x: ir.Value, at_most_zero: bool = False) -> ir.Value:
-    """exp of a float vector: 2^n · e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r = 1 + r(1 + r·P(r)).
-
-    n is rounded by adding a magic number whose low mantissa bits then hold n + 127, the biased exponent
-    of 2^n; `at_most_zero` (softmax's x - max) skips the upper clamp.
-    """
+def vector_exp(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """exp of a float vector: numpy's float32 algorithm for f32 (`elementwise.exp_f32`, bit-identical to the
+    reference on x86), LLVM's intrinsic (libm) for f64."""
     if x.type.element != F32:
         return ll.intrinsic(builder, "llvm.exp", x)
-    x = _clamp(builder, x, -87.33654, None if at_most_zero else 88.72283)  # 2^n stays a normal float
-    magic = _splat(12582912.0 + 127.0, x)  # 1.5·2^23: adding it rounds to an integer in the low bits
-    biased = _fma(builder, x, _splat(math.log2(math.e), x), magic)
-    n = builder.fsub(biased, magic)
-    r = _fma(builder, n, _splat(-_LN2_HIGH, x), x)
-    r = _fma(builder, n, _splat(-_LN2_LOW, x), r)
-    one = _splat(1.0, x)
-    y = _fma(builder, _fma(builder, _polynomial(builder, r, _EXP_POLY), r, one), r, one)
-    ints = ll.vector(I32, x.type.count)
-    exponent = builder.shl(builder.bitcast(biased, ints), ir.Constant(ints, [23] * x.type.count))
-    return builder.fmul(y, builder.bitcast(exponent, x.type))
+    return exp_f32(builder, x)
 
 
 def vector_log(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
@@ -127,55 +109,84 @@ class _Io:
 
 
 # -- softmax -----------------------------------------------------------------------------------------
+def _parallel_kernel(module: ir.Module, name: str, elements: Sequence[ir.Type]
+                     ) -> tuple[ir.Function, ir.IRBuilder, list[ir.Value], ir.Value, ir.Value]:
+    """A parallel kernel (`kernels.parallel`) with one buffer per entry of `elements`: the function, a
+    builder, the buffers as typed pointers, and (thread, threads)."""
+    function, builder, thread, threads = new_parallel_kernel(module, name, len(elements))
+    pointers = [builder.bitcast(arg, element.as_pointer()) for arg, element in zip(function.args, elements)]
+    return function, builder, pointers, thread, threads
+
+
+def _thread_rows(builder: ir.IRBuilder, thread: ir.Value, threads: ir.Value, count: int, name: str, body) -> None:
+    """body(builder, row) for this thread's share of `count` independent rows."""
+    begin, end = share(builder, thread, threads, count)
+    ll.counted_loop(builder, builder.sub(end, begin), name, body=lambda b, i, c: body(b, b.add(begin, i)) or c)
+
+
 def softmax_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: DType, outer: int, length: int,
                    inner: int, log: bool) -> ir.Function:
-    """`name(x, out)`: softmax (or log-softmax with `log`) of x viewed as [outer, length, inner] along
-    the middle axis: the maximum, Σ exp(x - maximum), then the results, each a pass over the axis."""
+    """`name(x, out, thread, threads)`: softmax (or log-softmax with `log`) of x viewed as [outer, length,
+    inner] along the middle axis, in the reference's operations: m = max, s = x − m, t = Σ exp(s), then
+    exp(s) / t (a division, not a product with 1/t) or s − log(t). Parallel over `outer`.
+
+    Σ runs in numpy's order: pairwise (`reduce.pairwise_sum`) along a contiguous axis, one by one along a
+    strided one. With numpy's float32 exp (`vector_exp`) softmax is then bit-identical to the reference
+    on x86; log-softmax's log is within 1 ulp of numpy's.
+    """
     io = _Io(target, dtype)
-    function, builder, (x, out) = kernel_function(module, name, [io.storage.element] * 2)
-    # Keeping exp(x - max) in the output for the final scaling is exact only when it stores losslessly.
+    function, builder, (x, out), thread, threads = _parallel_kernel(module, name, [io.storage.element] * 2)
+    # Keeping exp(x - max) in the output for the final division is exact only when it stores losslessly.
     keep = not log and io.storage == io.compute
 
-    def passes(b: ir.IRBuilder, reduce, spread, walk) -> None:
-        """The three passes given how to reduce over the axis (`reduce(load, combine, identity)`), to widen a
-        reduced statistic to a vector (`spread(builder, statistic, width)`) and to visit each vector
-        (`walk(body(builder, index, width))`)."""
+    def passes(b: ir.IRBuilder, reduce, total_of, spread, walk) -> None:
+        """The passes given how to reduce over the axis in any order (`reduce(load, combine, identity)`) and
+        in numpy's summation order (`total_of(load)`), to widen a statistic to a vector (`spread(builder,
+        statistic, width)`) and to visit each vector (`walk(body(builder, index, width))`)."""
         peak = reduce(lambda b2, index, w: io.load(b2, x, index, w), io.max, -math.inf)
 
-        def exponential(b2: ir.IRBuilder, index: ir.Value, w: int) -> ir.Value:
-            value = vector_exp(b2, b2.fsub(io.load(b2, x, index, w), spread(b2, peak, w)), True)
-            if keep:
-                ll.store_vector(b2, value, out, index)
-            return value
+        def shifted(b2: ir.IRBuilder, index: ir.Value, w: int) -> ir.Value:
+            return b2.fsub(io.load(b2, x, index, w), spread(b2, peak, w))
 
-        total = reduce(exponential, io.add, 0.0)
-        # What the results need of Σ exp: its log, or its reciprocal.
-        total = vector_log(b, total) if log else b.fdiv(_splat(1.0, total), total)
+        def exponential(b2: ir.IRBuilder, index: ir.Value, w: int) -> ir.Value:
+            return vector_exp(b2, shifted(b2, index, w))
+
+        if keep:
+            walk(lambda b2, index, w: ll.store_vector(b2, exponential(b2, index, w), out, index))
+            total = total_of(lambda b2, index, w: ll.load_vector(b2, out, index, w))
+        else:
+            total = total_of(exponential)
+        if log:
+            total = vector_log(b, total)
 
         def result(b2: ir.IRBuilder, index: ir.Value, w: int) -> None:
-            if keep:
-                value = ll.load_vector(b2, out, index, w)
+            if log:
+                value = b2.fsub(shifted(b2, index, w), spread(b2, total, w))
             else:
-                shifted = b2.fsub(io.load(b2, x, index, w), spread(b2, peak, w))
-                value = shifted if log else vector_exp(b2, shifted, True)
-            combine = b2.fsub if log else b2.fmul
-            io.store(b2, combine(value, spread(b2, total, w)), out, index)
+                value = ll.load_vector(b2, out, index, w) if keep else exponential(b2, index, w)
+                value = b2.fdiv(value, spread(b2, total, w))
+            io.store(b2, value, out, index)
 
         walk(result)
 
     if inner == 1:  # rows are contiguous: vectors along the row, statistics reduced across lanes
-        def row(b: ir.IRBuilder, o: ir.Value, carried: list) -> list:
+        def row(b: ir.IRBuilder, o: ir.Value) -> None:
             base = b.mul(o, const(length))
 
+            def at(load):
+                return lambda b2, i, w: load(b2, b2.add(base, i), w)
+
             def reduce(load, combine, identity_value: float) -> ir.Value:
-                return reduce_row(b, length, io.lanes, lambda b2, i, w: load(b2, b2.add(base, i), w), combine,
-                                  lambda w: io.splat(identity_value, w))
+                return reduce_row(b, length, io.lanes, at(load), combine, lambda w: io.splat(identity_value, w))
 
-            # Not overlapping: the scaling pass reads what it writes when the exponentials are kept.
-            passes(b, reduce, _first_lane, lambda body: ll.strip_mine(b, base, length, io.lanes, "s", body))
-            return carried
+            def total_of(load) -> ir.Value:
+                return pairwise_sum(b, length, at(load), lambda w: io.splat(0.0, w))
 
-        ll.static_loop(builder, outer, "o", row)
+            # Not overlapping: the division pass reads what it writes when the exponentials are kept.
+            passes(b, reduce, total_of, _first_lane,
+                   lambda body: ll.strip_mine(b, base, length, io.lanes, "s", body))
+
+        _thread_rows(builder, thread, threads, outer, "o", row)
     else:  # vectors along the contiguous inner axis, each lane its own softmax
         def column(b: ir.IRBuilder, o: ir.Value, i: ir.Value, w: int) -> None:
             base = b.add(b.mul(o, const(length * inner)), i)
@@ -188,11 +199,11 @@ def softmax_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: DTyp
                 return each(lambda b2, index, c: [combine(b2, c[0], load(b2, index, w))],
                             [io.splat(identity_value, w)])[0]
 
-            passes(b, reduce, lambda b2, value, width: value,
+            passes(b, reduce, lambda load: reduce(load, io.add, 0.0), lambda b2, value, width: value,
                    lambda body: each(lambda b2, index, c: body(b2, index, w) or c, []))
 
-        ll.static_loop(builder, outer, "o", lambda b, o, c: ll.strip_mine(
-            b, const(0), inner, io.lanes, "i", lambda b2, i, w: column(b2, o, i, w), overlap=True) or c)
+        _thread_rows(builder, thread, threads, outer, "o", lambda b, o: ll.strip_mine(
+            b, const(0), inner, io.lanes, "i", lambda b2, i, w: column(b2, o, i, w), overlap=True))
     builder.ret_void()
     return function
 
@@ -200,52 +211,53 @@ def softmax_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: DTyp
 # -- layer / instance normalisation ------------------------------------------------------------------
 def _row_statistics(builder: ir.IRBuilder, io: _Io, x: ir.Value, base: ir.Value, size: int,
                     epsilon: float) -> tuple[ir.Value, ir.Value]:
-    """(mean, 1 / sqrt(variance + epsilon)) of x[base : base + size] as one-lane vectors; two passes."""
+    """(mean, sqrt(variance + epsilon)) of x[base : base + size] as one-lane vectors, as the reference computes
+    them: two passes, each a numpy-ordered sum (`pairwise_sum`) divided by the count."""
     def zero(width: int) -> ir.Constant:
         return io.splat(0.0, width)
 
-    total = reduce_row(builder, size, io.lanes, lambda b, i, w: io.load(b, x, b.add(base, i), w), io.add, zero)
+    total = pairwise_sum(builder, size, lambda b, i, w: io.load(b, x, b.add(base, i), w), zero)
     mean = builder.fdiv(total, io.splat(size, 1))
 
     def square(b: ir.IRBuilder, i: ir.Value, w: int) -> ir.Value:
         centred = b.fsub(io.load(b, x, b.add(base, i), w), _first_lane(b, mean, w))
         return b.fmul(centred, centred)
 
-    variance = builder.fdiv(reduce_row(builder, size, io.lanes, square, io.add, zero), io.splat(size, 1))
-    deviation = ll.intrinsic(builder, "llvm.sqrt", builder.fadd(variance, io.splat(epsilon, 1)))
-    return mean, builder.fdiv(io.splat(1.0, 1), deviation)
+    variance = builder.fdiv(pairwise_sum(builder, size, square, zero), io.splat(size, 1))
+    return mean, ll.intrinsic(builder, "llvm.sqrt", builder.fadd(variance, io.splat(epsilon, 1)))
 
 
 def norm_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: DType, rows: int, channels: int,
                 size: int, epsilon: float, period: int, has_bias: bool) -> ir.Function:
-    """`name(x, scale, [bias,] out)`: each of the rows·channels contiguous rows of `size` elements
-    normalised to zero mean and unit variance, then · scale + bias.
+    """`name(x, scale, [bias,] out, thread, threads)`: each of the rows·channels contiguous rows of `size`
+    elements normalised to zero mean and unit variance, then · scale + bias. Parallel over those rows.
 
     `period` 0: scale and bias hold one value per channel (instance norm, rows = N); otherwise they hold
     `period` values repeated along the row (layer norm, channels = 1; `period` divides `size`).
     """
     io = _Io(target, dtype)
-    buffers = 4 if has_bias else 3
-    function, builder, pointers = kernel_function(module, name, [io.storage.element] * buffers)
+    function, builder, pointers, thread, threads = _parallel_kernel(module, name, [io.storage.element] * (
+        4 if has_bias else 3))
     x, scale, out = pointers[0], pointers[1], pointers[-1]
     bias = pointers[2] if has_bias else None
 
-    def row(b: ir.IRBuilder, indices: list, carried: list) -> list:
-        n, c = indices
-        base = b.mul(b.add(b.mul(n, const(channels)), c), const(size))
-        mean, factor = _row_statistics(b, io, x, base, size, epsilon)
-        if period == 0:
-            factor = b.fmul(factor, io.load(b, scale, c, 1))
-            shift = io.load(b, bias, c, 1) if bias is not None else io.splat(0.0, 1)
+    def row(b: ir.IRBuilder, unit: ir.Value) -> None:
+        c = b.urem(unit, const(channels))
+        base = b.mul(unit, const(size))
+        mean, deviation = _row_statistics(b, io, x, base, size, epsilon)
 
         def normalise(b2: ir.IRBuilder, index: ir.Value, p: ir.Value | None, w: int) -> None:
+            # The reference's roundings: (x − mean) / deviation, then · scale, then + bias (never fused).
             centred = b2.fsub(io.load(b2, x, index, w), _first_lane(b2, mean, w))
+            normal = b2.fdiv(centred, _first_lane(b2, deviation, w))
             if period == 0:
-                value = _fma(b2, centred, _first_lane(b2, factor, w), _first_lane(b2, shift, w))
+                value = b2.fmul(normal, _first_lane(b2, io.load(b2, scale, c, 1), w))
+                if bias is not None:
+                    value = b2.fadd(value, _first_lane(b2, io.load(b2, bias, c, 1), w))
             else:
-                normal = b2.fmul(centred, _first_lane(b2, factor, w))
-                offset = io.load(b2, bias, p, w) if bias is not None else io.splat(0.0, w)
-                value = _fma(b2, normal, io.load(b2, scale, p, w), offset)
+                value = b2.fmul(normal, io.load(b2, scale, p, w))
+                if bias is not None:
+                    value = b2.fadd(value, io.load(b2, bias, p, w))
             io.store(b2, value, out, index)
 
         if period == 0:
@@ -259,9 +271,8 @@ def norm_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: DType, 
                 return c2
 
             ll.static_loop(b, size // period, "k", block)
-        return carried
 
-    nested_loops(builder, [rows, channels], "r", row)
+    _thread_rows(builder, thread, threads, rows * channels, "r", row)
     builder.ret_void()
     return function
 
@@ -282,7 +293,8 @@ def batch_norm_kernel(module: ir.Module, name: str, target: TargetSpec, dtype: D
 
     def apply(b: ir.IRBuilder, index: ir.Value, params: tuple, width: int) -> None:
         centre, factor, shift = params
-        io.store(b, _fma(b, b.fsub(io.load(b, x, index, width), centre), factor, shift), out, index)
+        # the reference's roundings: (x − mean) · factor, then + bias (not fused)
+        io.store(b, b.fadd(b.fmul(b.fsub(io.load(b, x, index, width), centre), factor), shift), out, index)
 
     if size == 1:  # [N, C]: vectors across channels
         def sample(b: ir.IRBuilder, n: ir.Value, carried: list) -> list:

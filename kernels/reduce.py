@@ -184,6 +184,67 @@ def reduce_row(builder: ir.IRBuilder, count: int, lanes: int, load: Load, combin
     return result
 
 
+PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
+PAIRWISE_LANES = 8  # numpy's unroll: eight running sums per block
+
+
+def pairwise_sum(builder: ir.IRBuilder, count: int, load: Load, zero: Callable[[int], ir.Value]) -> ir.Value:
+    """Σ of the floats `load(builder, offset, width)` over offsets [0, count) in numpy's order, as a one-lane
+    vector: np.sum along a contiguous axis (`pairwise_sum` in numpy/_core/src/umath/loops_utils.h.src), so
+    the result is bit-identical to the reference's.
+
+    Below 8 values: one running sum from 0. Up to 128: eight running sums (one 8-lane vector) over the
+    multiples of 8, combined as ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), then the rest one by one.
+    Longer: the two halves (the first a multiple of 8 long) summed recursively and added. The reduction's
+    initial 0 is added last, as numpy's reduce loop does.
+    """
+    def add(a: ir.Value, b: ir.Value) -> ir.Value:
+        return builder.fadd(a, b)
+
+    def parts(starts: list[int], n: int) -> list[ir.Value]:
+        """The sums of the equally long pieces at `starts`; blocks of the same length share one loop, so
+        their running sums are independent chains the CPU overlaps (the order within each is numpy's)."""
+        if n < PAIRWISE_LANES:
+            totals = []
+            for start in starts:
+                total = zero(1)
+                for i in range(start, start + n):
+                    total = add(total, load(builder, const(i), 1))
+                totals.append(total)
+            return totals
+        if n <= PAIRWISE_BLOCK:
+            blocks = n // PAIRWISE_LANES
+            sums = [load(builder, const(start), PAIRWISE_LANES) for start in starts]
+            if blocks > 1:
+                def step(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
+                    offset = b.mul(i, const(PAIRWISE_LANES))
+                    return [b.fadd(c, load(b, b.add(const(start + PAIRWISE_LANES), offset), PAIRWISE_LANES))
+                            for start, c in zip(starts, carried)]
+
+                sums = ll.static_loop(builder, blocks - 1, "pairwise", step, sums)
+            totals = []
+            for start, vector in zip(starts, sums):
+                while vector.type.count > 1:  # neighbours first: lanes (0, 1), (2, 3), ... then their sums
+                    undefined = ir.Constant(vector.type, ir.Undefined)
+                    half = vector.type.count // 2
+                    even = builder.shuffle_vector(vector, undefined, ll.const_vector(I32, range(0, 2 * half, 2)))
+                    odd = builder.shuffle_vector(vector, undefined, ll.const_vector(I32, range(1, 2 * half, 2)))
+                    vector = add(even, odd)
+                for i in range(start + blocks * PAIRWISE_LANES, start + n):
+                    vector = add(vector, load(builder, const(i), 1))
+                totals.append(vector)
+            return totals
+        half = n // 2
+        half -= half % PAIRWISE_LANES
+        if half == n - half:  # both halves alike: one group twice as large
+            sums = parts([s + h for s in starts for h in (0, half)], half)
+            return [add(sums[2 * k], sums[2 * k + 1]) for k in range(len(starts))]
+        firsts, seconds = parts(starts, half), parts([s + half for s in starts], n - half)
+        return [add(a, b) for a, b in zip(firsts, seconds)]
+
+    return add(zero(1), parts([0], count)[0])
+
+
 # -- reduce_* ------------------------------------------------------------------------------------------
 def canonical_axes(shape: Sequence[int], axes: Sequence[int]) -> list[tuple[int, bool]]:
     """(size, reduced) per axis with size-1 axes dropped and neighbours of the same kind merged."""

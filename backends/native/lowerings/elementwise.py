@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from lowbit.backends.native.lowering import LowerContext, lowering
+from lowbit.backends.native.lowerings.lookup import lower_in_chain
 from lowbit.errors import UnsupportedOpError
 from lowbit.ir import Node
 from lowbit.kernels.elementwise import RULES, elementwise_kernel, unsupported_reason
@@ -9,6 +10,8 @@ from lowbit.kernels.elementwise import RULES, elementwise_kernel, unsupported_re
 
 @lowering(*RULES)
 def lower_elementwise(ctx: LowerContext, node: Node) -> None:
+    if lower_in_chain(ctx, node):  # part of a table lookup (lowerings.lookup)
+        return
     operands = tuple((value.type.shape, value.type.dtype) for value in node.inputs)
     reason = unsupported_reason(node.op, [dtype for _, dtype in operands])
     if reason:

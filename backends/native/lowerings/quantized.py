@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.backends.native.lowering import LowerContext, lowering
+from lowbit.backends.native.lowerings.lookup import lower_in_chain
 from lowbit.ir import DType, Node
 from lowbit.ir.ops.quantized import clamp_range, quantize_params
 from lowbit.kernels.movement import broadcast_strides, contiguous_strides
@@ -65,6 +66,8 @@ def _input(node: Node, index: int, shape: tuple[int, ...], arg: int | None = Non
 
 @lowering("quantize")
 def lower_quantize(ctx: LowerContext, node: Node) -> None:
+    if lower_in_chain(ctx, node):  # the end of a table lookup (lowerings.lookup)
+        return
     shape = node.inputs[0].type.shape
     params = quantize_params(node.attrs)
     operands = [_input(node, 0, shape), table_operand(params.scale_array(shape), DType.f32, shape),
@@ -76,6 +79,8 @@ def lower_quantize(ctx: LowerContext, node: Node) -> None:
 
 @lowering("dequantize")
 def lower_dequantize(ctx: LowerContext, node: Node) -> None:
+    if lower_in_chain(ctx, node):  # the start of a table lookup (lowerings.lookup)
+        return
     t = node.inputs[0].type
     shape, params = t.shape, t.quant
     operands = [_input(node, 0, shape),

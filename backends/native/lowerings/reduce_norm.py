@@ -70,7 +70,7 @@ def lower_softmax(ctx: LowerContext, node: Node) -> None:
     log = node.op == "log_softmax"
     kernel = ctx.kernel(("softmax", log, x.dtype, outer, length, inner), lambda module, name: softmax_kernel(
         module, name, ctx.target, x.dtype, outer, length, inner, log))
-    ctx.call(kernel, [ctx.operand(0), ctx.result(0)])
+    ctx.call(kernel, [ctx.operand(0), ctx.result(0)], parallel=True)
 
 
 def _period(shape: tuple[int, ...], normalized: tuple[int, ...]) -> int | None:
@@ -113,7 +113,7 @@ def lower_layer_norm(ctx: LowerContext, node: Node) -> None:
     key = ("layer_norm", x.dtype, rows, size, epsilon, period, has_bias)
     kernel = ctx.kernel(key, lambda module, name: norm_kernel(module, name, ctx.target, x.dtype, rows, 1, size,
                                                               epsilon, period, has_bias))
-    ctx.call(kernel, [ctx.operand(0), *params, ctx.result(0)])
+    ctx.call(kernel, [ctx.operand(0), *params, ctx.result(0)], parallel=True)
 
 
 def _channels(node: Node) -> tuple[int, int, int]:
@@ -128,7 +128,7 @@ def lower_instance_norm(ctx: LowerContext, node: Node) -> None:
     key = ("instance_norm", dtype, batch, channels, size, epsilon)
     kernel = ctx.kernel(key, lambda module, name: norm_kernel(module, name, ctx.target, dtype, batch, channels,
                                                               size, epsilon, 0, True))
-    ctx.call(kernel, [ctx.operand(i) for i in range(3)] + [ctx.result(0)])
+    ctx.call(kernel, [ctx.operand(i) for i in range(3)] + [ctx.result(0)], parallel=True)
 
 
 @lowering("batch_norm")
