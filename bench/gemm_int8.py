@@ -2,6 +2,9 @@
 
     python bench/gemm_int8.py [--rounds 30] [--threads 1 2] [--route NAME ...] [--json]
 
+Routes are `gemm_int8`'s by name, and "amx" (`gemm_amx.AmxInt8Gemm`, AMX tiles), timed by default where the
+host has AMX.
+
 Each round times every engine once per shape, interleaved, so drift of the machine hits all of them
 alike; the table gives medians over the rounds and the ratio to numpy fp32 in the same run. GOP/s counts
 a multiply and an add as two operations (2·M·N·K per GEMM). Both engines write into preallocated
@@ -21,7 +24,10 @@ import re
 import numpy as np
 
 from lowbit.backends.native import Target
+from lowbit.kernels import gemm_amx
 from lowbit.kernels.gemm_int8 import Int8Gemm, choose_route
+
+AMX = "amx"  # the tile route's name here
 
 SHAPES = {  # name: (M, N, K)
     "512^3": (512, 512, 512),
@@ -72,7 +78,8 @@ def engines_for(shape: tuple[int, int, int], routes: list[str], threads: list[in
 
     for route in routes:
         weights = w8 if route != "avx2-maddubs" else (w8 >> 1)  # 7-bit weights keep that route exact
-        gemm = Int8Gemm(weights, np.uint8, target, route=route)
+        gemm = gemm_amx.AmxInt8Gemm(w8, np.uint8, target) if route == AMX else \
+            Int8Gemm(weights, np.uint8, target, route=route)
         gemm.run(a8[:1])  # compile outside the timing
         for count in threads:
             engines[f"{route} x{count}"] = (lambda g=gemm, c=count: g.run(a8, num_threads=c, out=out),
@@ -93,7 +100,8 @@ def main() -> None:
     target = Target.host()
     rng = np.random.default_rng(0)
     routes = args.route or list(dict.fromkeys(
-        [choose_route(target, np.zeros((1, 1), np.int8), False).name, "avx2-maddubs", "avx2-madd16"]))
+        [AMX] * gemm_amx.available(target) + [choose_route(target, np.zeros((1, 1), np.int8), False).name,
+                                              "avx2-maddubs", "avx2-madd16"]))
     set_blas_threads = _blas_threads()
     results = []
     for shape_name, shape in SHAPES.items():

@@ -30,6 +30,8 @@ def test_named_target_features() -> None:
     assert Target.parse("aarch64-dotprod").has("neon", "dotprod")
     assert Target.parse("x86_64-avx512vnni").vector_bytes == 64
     assert Target.parse("x86_64-avxvnni").has("avxvnni") and not Target.parse("x86_64-avxvnni").has("avx512f")
+    assert Target.parse("x86_64-amx").has("amx-tile", "amx-int8", "avx512vnni")
+    assert not Target.parse("x86_64-avx512vnni").has("amx-tile")
 
 
 def test_unknown_target_lists_the_names() -> None:
