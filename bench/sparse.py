@@ -1,13 +1,15 @@
 """Sparse × dense linear layers: lowbit's sparse kernels against its own dense ones (int8 and float32) for
 a 512×512 weight at M = 64 and M = 1, unstructured and 1×4-block sparsity; and the 90%-sparse int8 digits
 MLP end to end against ONNX Runtime fp32 at batch 1 and 64 (the cost model's choice, all layers sparse,
-all dense), with the size of the all-sparse artifact.
+all dense), with the sizes of the default (cost model) and the all-sparse artifacts. Times include a
+call's fixed cost from Python, given on its own ("empty call").
 
-    python bench/sparse.py [--rounds 30] [--layers-only]
+    python bench/sparse.py [--rounds 30] [--layers-only] [--kinds int8,f32]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -28,10 +30,11 @@ DATA = ROOT / "tests" / "data"
 def layers(rounds: int, kind: str) -> list[str]:
     """Rows compare the kernels themselves: every layer with a layout goes sparse here."""
     rng = np.random.default_rng(0)
-    lines = [f"| M | pattern | sparsity | dense {kind} µs | sparse {kind} µs | speed-up |", "|---|---|---|---|---|---|"]
+    lines = [f"| M | pattern | sparsity | dense {kind} µs | sparse {kind} µs | speed-up |",
+             "|---|---|---|---|---|---|"]
     for rows in (64, 1):
         for block in ((1, 1), (1, 4)):
-            for sparsity in (0.5, 0.7, 0.9):
+            for sparsity in (0.5, 0.7, 0.9, 0.95):
                 matrix = random_sparse(rng, 512, 512, sparsity, block)
                 dense_graph, feeds = layer_graph(kind, matrix, rows, False)
                 sparse_graph, _ = layer_graph(kind, matrix, rows, True)
@@ -79,24 +82,35 @@ def mlp(rounds: int) -> list[str]:
         lines.append(f"| {batch} | {1e6 * times['ort']:.1f} | " + " | ".join(
             f"{1e6 * times[name]:.1f} ({times['ort'] / times[name]:.2f}×)" for name in ("chosen", "sparse", "dense"))
             + " |")
-        if batch == 1:
-            with tempfile.TemporaryDirectory() as folder, forced_sparse():
+        for name, forced in (("default (cost model)", contextlib.nullcontext), ("all-sparse", forced_sparse)):
+            with tempfile.TemporaryDirectory() as folder, forced():
                 aot.export(graph, folder)
-                sizes = sorted((p.name, p.stat().st_size) for p in Path(folder).rglob("*") if p.is_file())
-    total = sum(size for _, size in sizes)
+                sizes.append((batch, name, sorted((p.name, p.stat().st_size) for p in Path(folder).rglob("*")
+                                                  if p.is_file())))
     lines.append("")
-    lines.append(f"all-sparse artifact (batch 1): {total} bytes = {100 * total / onnx_path.stat().st_size:.1f}% of mlp.onnx "
-                 f"({onnx_path.stat().st_size} bytes): " + ", ".join(f"{n} {s}" for n, s in sizes))
+    onnx_bytes = onnx_path.stat().st_size
+    for batch, name, files in sizes:
+        total = sum(size for _, size in files)
+        lines.append(f"{name} artifact, batch {batch}: {total} bytes = {100 * total / onnx_bytes:.1f}% of mlp.onnx "
+                     f"({onnx_bytes} bytes): " + ", ".join(f"{n} {s}" for n, s in files))
     return lines
+
+
+def empty_call(rounds: int) -> str:
+    graph, feeds = layer_graph("int8", np.ones((1, 1), np.float32), 1, False)
+    model = lowbit.compile(graph)
+    return f"empty call (a 1×1 qlinear): {1e6 * interleaved({'x': lambda: model.run(feeds)}, rounds)['x']:.1f} µs"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--layers-only", action="store_true")
+    parser.add_argument("--kinds", default="int8,f32")
     args = parser.parse_args()
     os.environ["LOWBIT_CACHE_DIR"] = "off"  # decisions follow the cost model of this run
-    for kind in ("int8", "f32"):
+    print(empty_call(args.rounds), "\n")
+    for kind in args.kinds.split(","):
         print("\n".join(layers(args.rounds, kind)))
         print()
     if not args.layers_only:

@@ -3,13 +3,15 @@ and the sparse lowerings themselves (`kernels.sparse`).
 
 Estimated nanoseconds per call, with vec = ⌈M / lanes⌉ accumulator vectors along M:
 
-    sparse = per_value · stored values · vec + per_block · stored blocks · vec + per_output · M·N
-             + per_input · M·K
+    sparse = per_value · vector operations · vec + per_block · stored blocks
+             + per_output · M·N + per_input · M·K
     dense  = per_mac · N·K·(M + dense_rows)
 
-`dense_rows` is what weight streaming costs the dense kernel in rows of arithmetic (it dominates at
-M = 1). Constants per kind (int8, f32) are built in, or measured on this machine by
-`python -m lowbit.backends.native.sparse_selection --tune` (written to `tuning_path()`, JSON). A weight
+(vector operations: FMAs per stored float, 4-byte dot products per quad of K for int8; a block's
+fixed cost is its step and its weights' loads). `dense_rows` is what weight streaming costs the dense
+kernel in rows of arithmetic (it dominates at M = 1). Constants per kind (int8, f32) are built in, or
+measured on this machine by `lowbit tune` / `python -m lowbit.backends.native.sparse_selection --tune`
+(written to `tuning_path()`, JSON). A weight
 without a layout always stays dense; so does one the sparse kernels cannot take exactly.
 """
 from __future__ import annotations
@@ -45,8 +47,10 @@ class Costs:
     dense_rows: float
 
 
-DEFAULTS = {  # measured on a Sapphire Rapids core (AVX-512 VNNI) with 512×512 weights, M = 1 and 64
-    "int8": Costs(per_value=0.53, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0032, dense_rows=4.4),
+DEFAULTS = {  # measured on an Emerald Rapids core (AVX-512 VNNI, dense int8 on AMX) with 512×512 weights,
+    # M = 1 and 64 (int8); float32 on a Sapphire Rapids core
+    "int8": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
+                  dense_rows=5.6),
     "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3),
 }
 
@@ -74,21 +78,28 @@ def tuning_fingerprint() -> bytes:
         return b"defaults"
 
 
-def structure(matrix: np.ndarray, block: tuple[int, int]) -> tuple[int, int]:
-    """(stored values, stored blocks) of `matrix` [N, K] packed with `block` (fillers ignored)."""
+def structure(kind: str, matrix: np.ndarray, block: tuple[int, int]) -> tuple[int, int]:
+    """(vector operations per accumulator vector, stored blocks) of `matrix` [N, K] packed with `block`
+    (fillers ignored): an FMA per stored float; for int8 a 4-byte dot product per quad of K that a block
+    row touches (a block of 1 or 2 columns lies in one quad)."""
+    if kind == "int8":
+        matrix = _padded(matrix, block)
     n, k = matrix.shape
     r, c = fit_block(matrix.shape, block)
     blocks = int(np.any(matrix.reshape(n // r, r, k // c, c) != 0, axis=(1, 3)).sum())
-    return blocks * r * c, blocks
+    if kind != "int8":
+        return blocks * r * c, blocks
+    quads = c // 4 if c % 4 == 0 else 1 if 4 % c == 0 else c
+    return blocks * r * quads, blocks
 
 
 def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> tuple[float, float]:
     """(sparse, dense) estimated nanoseconds for x [m, K] · matrixᵀ."""
     c = costs(kind)
     n, k = matrix.shape
-    values, blocks = structure(matrix, block)
+    values, blocks = structure(kind, matrix, block)
     vec = math.ceil(m / lanes)
-    sparse = (c.per_value * values + c.per_block * blocks) * vec + c.per_output * m * n + c.per_input * m * k
+    sparse = c.per_value * values * vec + c.per_block * blocks + c.per_output * m * n + c.per_input * m * k
     return sparse, c.per_mac * n * k * (m + c.dense_rows)
 
 
@@ -98,26 +109,33 @@ def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int],
 
 
 def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
-    """The packing block: bsr's block or CSR (1×1, also for csr and N:M), whichever the model finds
-    faster (a layout found by chance, such as 1×2 on an unstructured matrix, stores many zeros)."""
-    candidates = [tuple(fit_block(matrix.shape, tuple(layout.block)))] if layout.format == "bsr" else []
-    return min(candidates + [(1, 1)], key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
+    """The packing block the model finds fastest: the bsr layout's block, single weights (CSR, also for
+    csr and N:M) or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight)."""
+    candidates = [tuple(layout.block)] if layout.format == "bsr" else []
+    candidates += [(1, 1)] + ([(1, 4)] if kind == "int8" else [])
+    return min(candidates, key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
 
 
 def _lanes(ctx: LowerContext) -> int:
     return max(ctx.target.vector_bytes // 4, 4)
 
 
-def _pmaddwd(ctx: LowerContext, lanes: int) -> str:
-    """The x86 pmaddwd intrinsic for `lanes` int32 lanes, or "" (portable IR elsewhere)."""
+def _vnni(ctx: LowerContext) -> tuple[int, ...]:
+    """The int32 vector widths with x86 `vpdpbusd` on the target (none: portable IR)."""
     features = ctx.target.features
     if ctx.target.arch != "x86_64":
-        return ""
-    if lanes == 16 and "avx512bw" in features:
-        return "llvm.x86.avx512.pmaddw.d.512"
-    if lanes == 8 and "avx2" in features:
-        return "llvm.x86.avx2.pmadd.wd"
-    return "llvm.x86.sse2.pmadd.wd" if lanes == 4 else ""
+        return ()
+    widths = (16,) if "avx512vnni" in features else ()
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= set(features):
+        widths += (4, 8)
+    return widths
+
+
+def _padded(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """`matrix` with zero columns up to a multiple of the block's width (the int8 kernel's quads of K take
+    any K: its activations are zero there)."""
+    extra = -matrix.shape[1] % block[1]
+    return np.pad(matrix, ((0, 0), (0, extra))) if extra and matrix.shape[0] % block[0] == 0 else matrix
 
 
 def _has(node: Node, index: int) -> bool:
@@ -126,10 +144,14 @@ def _has(node: Node, index: int) -> bool:
 
 # -- lowerings --------------------------------------------------------------------------------------------
 def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bias: np.ndarray, requant,
-                         residual, offsets: tuple[int, ...]) -> bool:
+                         residual) -> bool:
     """qlinear through the sparse kernel when its weight has a layout, the kernel is exact for it (8-bit
-    activations, centred weights in int8; the caller checked the int32 bound) and the cost model prefers
-    it. `offsets`: bias as wrapped int32. True when lowered."""
+    activations, centred weights in int8; the caller checked the int32 bound of the centred product) and
+    the cost model prefers it. True when lowered.
+
+    The kernel multiplies the activations as unsigned bytes (int8 ones + 128), so its offsets are the
+    bias minus that shift of the zero point times each row's weight sum: modulo 2^32, which the int32
+    lanes wrap in, the same sums as the centred product."""
     from lowbit.kernels.requantize import Corrections, ProductEpilogue
 
     x, layout = node.inputs[0].type, node.inputs[1].type.layout
@@ -141,9 +163,12 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     if not prefer_sparse("int8", centred, rows, block, lanes):
         return False
     n, k = centred.shape
-    packed = pack_sparse(centred, block, np.int8)
-    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, True, lanes, x.quant.zero_point[0],
-                      x.dtype.is_signed, _pmaddwd(ctx, lanes))
+    packed = pack_sparse(_padded(centred, block), block, np.int8)
+    signed = x.dtype.is_signed
+    shift = x.quant.zero_point[0] + (128 if signed else 0)
+    offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
+                    .astype(np.int32).tolist())
+    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, True, lanes, signed, _vnni(ctx))
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
@@ -152,7 +177,7 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
 
     key = ("qlinear.sparse", spec, offsets, requant, residual, packed.data.tobytes())
     ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(packed.data, "qlinear sparse weights"), *extra,
-                                      ctx.result(0), ctx.scratch(spec.scratch_bytes)])
+                                      ctx.result(0), ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
     return True
 
 
@@ -179,7 +204,7 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
     key = ("linear.sparse", spec, epilogue, packed.data.tobytes())
     ctx.call(ctx.kernel(key, lambda module, name: emit_sparse_linear(module, name, spec, finish, 4 + len(extra))),
              [ctx.operand(0), ctx.constant(packed.data, "linear sparse weights"), *extra, ctx.result(0),
-              ctx.scratch(spec.scratch_bytes)])
+              ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
     return True
 
 
@@ -248,6 +273,8 @@ def forced_sparse():
 
 def measure(kind: str, repeats: int = 30) -> Costs:
     """Fit the constants of `kind` to timings of generated sparse and dense layers on this machine."""
+    from lowbit.ir.types import SparseLayout
+
     rng = np.random.default_rng(0)
     base = _seconds(*layer_graph(kind, np.ones((1, 1), np.float32), 1, False), repeats)  # call overhead
     sparse_rows, sparse_times, dense_rows, dense_times = [], [], [], []
@@ -256,19 +283,16 @@ def measure(kind: str, repeats: int = 30) -> Costs:
         for rows in (1, 16, 64):
             for sparsity, block in ((0.5, (1, 1)), (0.9, (1, 1)), (0.9, (1, 4)), (0.9, (4, 1))):
                 matrix = random_sparse(rng, n, k, sparsity, block)
-                values, _ = structure(matrix, (1, 1))  # (the layer's layout is csr)
-                vec = math.ceil(rows / lanes)
-                sparse_rows.append([values * vec, rows * (n + k)])
+                values, blocks = structure(kind, matrix, best_block(kind, matrix, rows, SparseLayout("csr"), lanes))
+                sparse_rows.append([values * math.ceil(rows / lanes), blocks, rows * (n + k)])
                 with forced_sparse():
                     sparse_times.append(_seconds(*layer_graph(kind, matrix, rows, True), repeats) - base)
             dense_rows.append([n * k * rows, n * k])
             dense_times.append(_seconds(*layer_graph(kind, matrix, rows, False), repeats) - base)
-    # two terms each (blocks and values, outputs and inputs move together in these shapes): a stable fit
     fit = lambda rows, times: np.maximum(np.linalg.lstsq(np.asarray(rows, float), 1e9 * np.asarray(times),  # noqa
                                                          rcond=None)[0], 1e-6)
-    per_value, per_element = fit(sparse_rows, sparse_times)
+    per_value, per_block, per_element = fit(sparse_rows, sparse_times)
     per_mac, streaming = fit(dense_rows, dense_times)
-    per_block = DEFAULTS[kind].per_block * per_value / DEFAULTS[kind].per_value
     return Costs(float(per_value), float(per_block), float(per_element), float(per_element), float(per_mac),
                  float(streaming / per_mac))
 

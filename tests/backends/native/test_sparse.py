@@ -150,3 +150,47 @@ def test_selection_prefers_sparse_only_when_sparse_enough(kind, rows, sparse_eno
     dense = np.where(rng.random((512, 512)) < 0.1, 0, values)
     assert sparse_selection.prefer_sparse(kind, sparse, rows, (1, 1), 16)
     assert not sparse_selection.prefer_sparse(kind, dense, rows, (1, 1), 16)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
+       block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (1, 8)]),
+       sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), seed=st.integers(0, 2**32 - 1))
+def test_every_int8_packing_is_bit_exact(rows, k, n, block, sparsity, x_dtype, seed) -> None:
+    """Each packing the int8 kernel takes (weights placed in their quad of K, whole quads, quads padded
+    past K) whatever the cost model would pick: 1×4 packing of an unstructured matrix stores its zeros."""
+    rng = np.random.default_rng(seed)
+    graph, feeds = qlinear_graph(rng, rows, k, n, (1, 1), sparsity, x_dtype, True, False, DType.i32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_selection, "best_block", lambda kind, matrix, m, layout, lanes: block)
+        got = lowbit.compile(graph).run(feeds)["y"]
+    np.testing.assert_array_equal(got, lowbit.run_reference(graph, feeds)["y"])
+
+
+@pytest.mark.parametrize("kind", ["int8", "f32"])
+def test_results_do_not_depend_on_the_thread_count(kind) -> None:
+    rng = np.random.default_rng(3)
+    rows, k, n = 37, 520, 251  # ≥ the compiler's threshold for a team; groups of rows split unevenly
+    if kind == "int8":
+        graph, feeds = qlinear_graph(rng, rows, k, n, (1, 4), 0.8, DType.i8, True, True, DType.u8)
+    else:
+        graph, feeds = linear_graph(rng, rows, k, n, (1, 1), 0.8, True, False, "relu")
+    single = lowbit.compile(graph, num_threads=1)
+    team = lowbit.compile(graph, num_threads=2)
+    assert team.threads == 2
+    np.testing.assert_array_equal(single.run(feeds)["y"], team.run(feeds)["y"])
+
+
+@pytest.mark.parametrize("target", ["aarch64", "aarch64-dotprod", "x86_64-avx2", "x86_64-avxvnni"])
+def test_sparse_kernels_compile_for_other_targets(target) -> None:
+    """The portable dot product (no vpdpbusd) and narrower vectors generate code for every target."""
+    from lowbit.backends.native.compiler import Program
+    from lowbit.backends.native.target import Target
+    from lowbit.kernels import llvm as ll
+
+    rng = np.random.default_rng(5)
+    for graph, _ in (qlinear_graph(rng, 9, 67, 13, (1, 4), 0.7, DType.u8, True, False, DType.i8),
+                     linear_graph(rng, 9, 67, 13, (1, 1), 0.7, True, False, "none")):
+        program = Program(graph, Target.named(target))
+        assert any(call.parallel for call in program.calls)  # the sparse kernel (the dense ones are serial)
+        assert ll.emit_assembly(program.module, program.target)
