@@ -9,8 +9,9 @@ engine's ratio to lowbit int8 static (>1: lowbit faster). Engines:
 
 * lowbit fp32: `lowbit.compile(lowbit.optimize(graph))`; lowbit int8: `lowbit.compile(lowbit.quantize(graph,
   calibration))` (static, per-channel int8 weights, int8 activations, min-max), and for MiniLM also
-  `mode="dynamic"`. lowbit's `num_threads` is accepted but not used yet: every lowbit row runs one thread,
-  and its rows at 2 threads are marked "(1 thread)".
+  `mode="dynamic"`. On a host with AMX (where lowbit int8 takes AMX tiles) also "lowbit int8 vnni": the same
+  int8 graph compiled for x86_64-avx512vnni (no tiles). lowbit runs with `num_threads`; a model too small for
+  threads to pay (`compiler.PARALLEL_MIN_MACS`) runs one thread anyway, and its rows say "(1 thread)".
 * ort fp32; ort s8s8 / u8s8: ONNX Runtime's `quantize_static` QDQ (per-channel int8 weights, min-max, int8
   resp. uint8 activations) on the same calibration data; for MiniLM also `quantize_dynamic` (per-channel).
   Threads: `intra_op_num_threads` (inter-op 1).
@@ -51,10 +52,13 @@ import onnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit  # noqa: E402
 import models  # noqa: E402
+from lowbit.backends.native import Target  # noqa: E402
+from lowbit.kernels import gemm_amx  # noqa: E402
 from native_int8 import _with_batch  # noqa: E402
 from timing import interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+VNNI = "x86_64-avx512vnni"  # on an AMX host: lowbit int8 without tiles ("lowbit int8 vnni")
 RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
 SEQUENCE = 128
 IMAGE = 224
@@ -214,11 +218,17 @@ def case(workload: Workload, batch: int, threads: list[int], rounds: int) -> dic
         with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars
             ov_models = timed("nncf quantize s", lambda: _ov_models(model, workload, batch, folder))
         engines: dict[str, Callable[[], object]] = {}
+        one_thread: list[str] = []  # lowbit engines that run one thread although asked for more
         for count in threads:
             suffix = f" x{count}"
             for label, g in lowbit_graphs.items():
                 compiled = lowbit.compile(g, num_threads=count)
                 engines[label + suffix] = lambda c=compiled: c.run(feeds)
+                if compiled.threads < count:
+                    one_thread.append(label + suffix)
+            if gemm_amx.available(Target.host()):  # the AMX route beside the VNNI one it replaces
+                compiled = lowbit.compile(lowbit_graphs["lowbit int8"], target=VNNI, num_threads=count)
+                engines["lowbit int8 vnni" + suffix] = lambda c=compiled: c.run(feeds)
             sessions = {"ort fp32": _ort_session(model, count),
                         **{label: _ort_session(path, count) for label, path in ort_paths.items()}}
             for label, session in sessions.items():
@@ -227,9 +237,9 @@ def case(workload: Workload, batch: int, threads: list[int], rounds: int) -> dic
                 infer = _ov_compiled(ov_model, count)
                 engines[label + suffix] = lambda f=infer: f(feeds)
         got = lowbit.compile(lowbit_graphs["lowbit int8"]).run(feeds)
-        # Bit-exact where the whole graph is integer; float ops between quantized ones (MiniLM's softmax,
-        # layer norm, GELU) round differently in native code, and a flipped int8 step propagates: a
-        # small gap is printed, a large one stops the run.
+        # Bit-exact, MiniLM's float softmax / layer norm / GELU included, where numpy runs its SIMD float32
+        # exp (x86 with AVX2 or AVX-512); elsewhere softmax's exp may differ by a few ulp and a flipped int8
+        # step propagates: a small gap is printed, a large one stops the run.
         gap = max(float(np.abs(got[k].astype(np.float64) - want[k]).max()) for k in want)
         scale = max(float(np.abs(want[k]).max()) for k in want)
         if gap > 0.1 * max(scale, 1.0):
@@ -237,14 +247,15 @@ def case(workload: Workload, batch: int, threads: list[int], rounds: int) -> dic
         times = interleaved(engines, rounds)
     return {"case": f"{workload.name} b{batch}", "model": workload.name, "batch": batch,
             "ms": {label: seconds * 1e3 for label, seconds in times.items()}, "build s": build,
-            "lowbit int8 vs reference max abs diff": gap}
+            "lowbit int8 vs reference max abs diff": gap, "one thread": one_thread}
 
 
 # ---------------------------------------------------------------- kernels and compile time
 
 
 def kernel_rows(threads: list[int], rounds: int) -> list[dict]:
-    """int8 GEMM GOP/s (the host's best route) beside numpy fp32 matmul on as many threads."""
+    """int8 GEMM GOP/s (the host's best route, and AMX tiles where the host has them) beside numpy fp32 matmul on
+    as many threads."""
     import gemm_int8
     from lowbit.backends.native import Target
     from lowbit.kernels.gemm_int8 import choose_route
@@ -254,7 +265,8 @@ def kernel_rows(threads: list[int], rounds: int) -> list[dict]:
     set_blas = gemm_int8._blas_threads()
     rows = []
     for shape_name, shape in gemm_int8.SHAPES.items():
-        engines = gemm_int8.engines_for(shape, [route], threads, target, np.random.default_rng(0), set_blas)
+        routes = [gemm_int8.AMX] * gemm_amx.available(target) + [route]
+        engines = gemm_int8.engines_for(shape, routes, threads, target, np.random.default_rng(0), set_blas)
         times = interleaved({name: call for name, (call, _) in engines.items()}, rounds)
         ops = 2 * shape[0] * shape[1] * shape[2]
         for name, seconds in times.items():
@@ -299,8 +311,8 @@ BASE = "lowbit int8"
 PEERS_INT8 = ("ort s8s8", "ort u8s8", "ort dynamic", "ov nncf")
 
 
-def _label(engine: str, count: int) -> str:
-    return engine + (" (1 thread)" if engine.startswith("lowbit") and count > 1 else "")
+def _label(engine: str, row: dict) -> str:
+    return engine + (" (1 thread)" if any(name.rsplit(" x", 1)[0] == engine for name in row["one thread"]) else "")
 
 
 def case_table(row: dict, threads: list[int]) -> str:
@@ -309,7 +321,7 @@ def case_table(row: dict, threads: list[int]) -> str:
              f"(>1: lowbit int8 faster)",
              f"{'engine':<28}" + "".join(f"{'ms x' + str(c):>11}{'ratio':>8}" for c in threads)]
     for engine in engines:
-        line = f"{_label(engine, max(threads)):<28}"
+        line = f"{_label(engine, row):<28}"
         for count in threads:
             ms, base = row["ms"][f"{engine} x{count}"], row["ms"][f"{BASE} x{count}"]
             line += f"{ms:11.3f}{ms / base:8.2f}"
@@ -327,9 +339,11 @@ def key_ratios(rows: list[dict], threads: list[int]) -> list[str]:
             peers = {k: v for k, v in ms.items() if k in PEERS_INT8}
             fastest = min(peers, key=peers.get)
             text = (f"{row['case']} x{count}: lowbit int8 {ms[BASE]:.3f} ms; fastest peer int8 {fastest} "
-                    f"{peers[fastest]:.3f} ms (lowbit / peer {ms[BASE] / peers[fastest]:.2f}); "
-                    f"lowbit fp32 / ort fp32 {ms['lowbit fp32'] / ms['ort fp32']:.2f}; "
-                    f"lowbit int8 / ort fp32 {ms[BASE] / ms['ort fp32']:.2f}")
+                    f"{peers[fastest]:.3f} ms (lowbit / peer {ms[BASE] / peers[fastest]:.2f}); ")
+            if "lowbit int8 vnni" in ms:
+                text += f"lowbit int8 / lowbit int8 vnni {ms[BASE] / ms['lowbit int8 vnni']:.2f}; "
+            text += (f"lowbit fp32 / ort fp32 {ms['lowbit fp32'] / ms['ort fp32']:.2f}; "
+                     f"lowbit int8 / ort fp32 {ms[BASE] / ms['ort fp32']:.2f}")
             if "ort dynamic" in ms:
                 text += (f"; lowbit int8 dyn / ort dynamic {ms['lowbit int8 dyn'] / ms['ort dynamic']:.2f}"
                          f", lowbit int8 / ort dynamic {ms[BASE] / ms['ort dynamic']:.2f}")
@@ -358,9 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "compile"])
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    results: dict = {"versions": versions(), "rounds": args.rounds, "threads": args.threads,
-                     "lowbit_threads_note": "lowbit's num_threads is ignored: every lowbit row runs one thread",
-                     "cases": []}
+    results: dict = {"versions": versions(), "rounds": args.rounds, "threads": args.threads, "cases": []}
     for workload in workloads(args.models):
         for batch in args.batch:
             row = case(workload, batch, args.threads, args.rounds)

@@ -30,17 +30,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 from llvmlite import ir
 
 from lowbit.kernels import llvm as ll
-from lowbit.kernels.gemm_f32 import (F32, L2_BYTES, Columns, Epilogue, GemmEmitter, GemmSpec, Tile, advance,
+from lowbit.kernels.gemm_f32 import (F32, L2_BYTES, Columns, Epilogue, GemmSpec, RowChunks, Tile, advance,
                                      byte_at, fconst, finish, fma, fma_step, float_at, load_vector, loop,
-                                     masked_load, masked_store, new_kernel, over_row_tiles, pack_a, pack_b,
-                                     packed_b_elements, plain_columns, prefer_m_outer, scaled, splat_at,
+                                     masked_load, masked_store, new_kernel, over_row_chunk, pack_a, pack_b,
+                                     packed_b_elements, panel_count, prefer_m_outer, scaled, splat_at,
                                      store_vector, tile_function)
 from lowbit.kernels.llvm import I1, I8, I32, I64, VOID
+from lowbit.kernels.parallel import for_units, new_parallel_kernel, split_rows, thread_scratch
 
 CHUNK_BYTES = 256 << 10  # packed im2col panels per GEMM call: stays in L2 while every row tile reads it
 IMPLICIT_MIN_USE = 0.9  # least share of the implicit GEMM's columns that are output pixels
@@ -104,6 +106,7 @@ class ConvSpec:
     tile: Tile
     epilogue: Epilogue = field(default_factory=Epilogue)
     masked_loads: bool = False  # the target's masked loads cost what plain loads do (AVX-512)
+    threads: int = 1  # threads that share the kernel (its row chunks are cut for them)
 
     @property
     def out(self) -> tuple[int, int]:
@@ -460,149 +463,176 @@ class _ConvEmitter:
             return 0, 0, 0
         group_bytes = 4 * main.floats(self.spec.reduction, self.spec.tile)
         chunk = main.count if self._m_outer else max(1, min(main.count, CHUNK_BYTES // group_bytes))
+        if self.spec.threads > 1:  # calls for every thread, so that threads share packing, not repeat it
+            chunk = min(chunk, max(1, main.count // (2 * self.spec.threads)))
         full, rest = divmod(main.count, chunk)
         if rest == 0:
             full, rest = full - 1, chunk
         return full, chunk, rest
 
     def emit(self) -> ir.Function:
-        """name(x, w, [bias], [residual], out, scratch)."""
+        """name(x, w, [bias], [residual], out, scratch, thread, threads); scratch holds
+        `conv_scratch_bytes` per thread.
+
+        Threads share units: (image, channel) pairs of a depthwise convolution, else (image, group,
+        columns, chunk of output channels) where the columns are a panel of pixels (implicit GEMM), a
+        GEMM call's packed pixel groups (im2col) or nothing (transposed: the chunks cut the pixels). A
+        thread copies the plane of each image it works on and packs the columns of its units into its
+        own scratch."""
         spec = self.spec
         epi = spec.epilogue
-        fn, builder = new_kernel(self.module, self.name, 4 + spec.has_bias + epi.residual)
-        args = list(fn.args)
+        buffers = 4 + spec.has_bias + epi.residual
+        fn, builder, thread, threads = new_parallel_kernel(self.module, self.name, buffers)
+        args = list(fn.args)[:buffers]
         x, w = args[0], args[1]
         bias = args[2] if spec.has_bias else None
         residual = args[2 + spec.has_bias] if epi.residual else None
-        out, scratch = args[-2], args[-1]
+        out = args[-2]
         plane_floats, _ = self.scratch_floats()
-        scratch_plane, cols = scratch, byte_at(builder, scratch, plane_floats)
+        scratch_plane = thread_scratch(builder, args[-1], thread, conv_scratch_bytes(spec))
+        cols = byte_at(builder, scratch_plane, plane_floats)
         prepare = None if not spec.copies_plane else emit_plane(
             self.module, spec.plane, 1 if spec.depthwise else spec.channels, self.name + ".plane")
         image_out = spec.m * self.oh * self.ow
+        image = _Operands(x, w, bias, residual, out, image_out)
+        if spec.depthwise:
+            for_units(builder, thread, threads, [spec.batch, spec.channels], "channel", lambda b, indices: (
+                self._depthwise(b, image, scratch_plane, *indices, prepare)))
+            builder.ret_void()
+            return fn
 
-        def image(builder, n):
-            out_n, res_n = advance(builder, out, n, image_out), advance(builder, residual, n, image_out)
-            if spec.depthwise:
-                self._depthwise(builder, x, w, bias, res_n, out_n, scratch_plane, n, prepare)
-                return
-            if prepare is not None:
-                builder.call(prepare, [advance(builder, x, n, spec.channels * spec.plane.h * spec.plane.w),
-                                       scratch_plane])
-                planes = spec.channels * spec.plane.size  # zeros, not stale bits, where the last reads run on
-                _memset_zero(builder, byte_at(builder, scratch_plane, planes), 4 * (plane_floats - planes))
-            self._groups(builder, x, w, bias, res_n, out_n, scratch_plane, cols, n)
+        def copy_plane(builder, indices) -> None:
+            builder.call(prepare, [advance(builder, x, indices[0], spec.channels * spec.plane.h * spec.plane.w),
+                                   scratch_plane])
+            planes = spec.channels * spec.plane.size  # zeros, not stale bits, where the last reads run on
+            _memset_zero(builder, byte_at(builder, scratch_plane, planes), 4 * (plane_floats - planes))
 
-        loop(builder, spec.batch, "image", image)
-        builder.ret_void()
-        return fn
-
-    def _groups(self, builder, x, w, bias, residual, out, scratch_plane, cols, n) -> None:
-        """One image: per channel group, a GEMM of the group's weights and its plane."""
-        spec = self.spec
         mg, cg = spec.m // spec.group, spec.channels // spec.group
-        pixels = self.oh * self.ow
-        run_group = {"in_place": self._implicit_group, "implicit": self._implicit_group,
-                     "transposed": lambda: self._transposed_group(cols),
-                     "im2col": lambda: self._packed_group(cols)}[spec.route]()
 
-        def group(builder, g):
+        def group(builder, n: ir.Value, g: ir.Value) -> _Operands:
+            """The operands of group g of image n (plane: channel 0 of the group)."""
             plane = self._plane_at(builder, x, scratch_plane, n, builder.mul(g, ir.Constant(I64, cg)))
             weights = (packed_b_elements(spec.reduction, mg, spec.tile) if spec.route == "transposed"
                        else mg * spec.reduction)
-            run_group(builder, plane, advance(builder, w, g, weights),
-                      advance(builder, out, g, mg * pixels), advance(builder, bias, g, mg),
-                      advance(builder, residual, g, mg * pixels))
+            return image.at_group(builder, n, g, mg, self.oh * self.ow, plane, weights)
 
-        loop(builder, spec.group, "group", group)
+        units = {"in_place": self._implicit_group, "implicit": self._implicit_group,
+                 "transposed": lambda: self._transposed_group(cols),
+                 "im2col": lambda: self._packed_group(cols)}[spec.route]()
+        preparing = {0: copy_plane} if prepare is not None else {}
+        if units.pack is not None:  # per group (depth 1) or per group and column (depth 2)
+            preparing[2 if units.pack_columns else 1] = lambda b, indices: units.pack(
+                b, group(b, *indices[:2]), *indices[2:])
+        for_units(builder, thread, threads, [spec.batch, spec.group, units.columns, units.chunks], "unit",
+                  lambda b, indices: units.run(b, group(b, *indices[:2]), *indices[2:]), preparing)
+        builder.ret_void()
+        return fn
 
-    def _packed_group(self, cols: ir.Value):
-        """run(builder, plane, w, out, bias, residual) for one group: im2col panels a chunk of pixel
-        groups at a time, each chunk one GEMM call."""
+    def _row_chunk(self, columns: int) -> int:
+        """Output channels per chunk when each group of each image has `columns` other units."""
+        spec = self.spec
+        return split_rows(spec.m // spec.group, spec.tile.rows, spec.batch * spec.group * columns, spec.threads)
+
+    def _packed_group(self, cols: ir.Value) -> "_Units":
+        """im2col panels a chunk of pixel groups at a time, each chunk one GEMM call (the last call also
+        takes the tail group, which has a call of its own when threads share the work): the calls are
+        the columns."""
         spec = self.spec
         pixels = self.oh * self.ow
         main, tail = pixel_groups(self.oh, self.ow, spec.tile)
         gemm = GemmSpec(spec.m // spec.group, spec.reduction, spec.tile, pixels, a_packed=True,
                         epilogue=replace(spec.epilogue, residual_ld=pixels, residual_col=1),
                         m_outer=self._m_outer)
-        emitter = GemmEmitter(self.module, gemm, self.name + ".gemm")
         pack_main = self.emit_pack(main, self.name + ".pack") if main else None
         pack_tail = self.emit_pack(tail, self.name + ".pack_tail") if tail else None
         full, chunk, rest = self._chunks(main)
         group_floats = main.floats(spec.reduction, spec.tile) if main else 0
+        separate = tail is not None and main is not None and spec.threads > 1
+        calls = full + 1 + separate
+        chunks = RowChunks(self.module, gemm, self.name + ".gemm", self._row_chunk(calls))
+        last_runs = ((main.run(rest, full * chunk),) if main else ()) + ((tail.run(1),) if tail and not separate
+                                                                           else ())
 
-        def pack(builder, plane, first_group: ir.Value, count: int) -> None:
+        def pack_tail_at(builder, plane, offset: int) -> None:
+            builder.call(pack_tail, [plane, byte_at(builder, cols, offset), ir.Constant(I64, tail.first_row)])
+
+        def pack_groups(builder, plane, first_group: ir.Value, count: int) -> None:
             loop(builder, count, "pack", lambda b, i: b.call(pack_main, [
                 plane, byte_at(b, cols, b.mul(i, ir.Constant(I64, group_floats))),
                 b.mul(b.add(first_group, i), ir.Constant(I64, main.rows))]))
 
-        def run(builder, plane, w, out, bias, residual) -> None:
-            def chunk_call(builder, i):
-                first = builder.mul(i, ir.Constant(I64, chunk))
-                pack(builder, plane, first, chunk)
+        def pack(builder, ops: _Operands, call: ir.Value) -> None:
+            def last(b) -> None:
+                pack_groups(b, ops.plane, ir.Constant(I64, full * chunk), rest)
+                if tail is not None and not separate:
+                    pack_tail_at(b, ops.plane, rest * group_floats)
+
+            _switch(builder, call, [(full, lambda b: pack_groups(b, ops.plane, b.mul(call, ir.Constant(I64, chunk)),
+                                                                 chunk)),
+                                    (full + 1, last), (calls, lambda b: pack_tail_at(b, ops.plane, 0))])
+
+        def run(builder, ops: _Operands, call: ir.Value, part: ir.Value) -> None:
+            def whole(b) -> None:
+                first = b.mul(call, ir.Constant(I64, chunk))
                 stride = main.rows * self.ow
-                emitter.call(builder, (main.run(chunk),), w, cols, advance(builder, out, first, stride), bias,
-                             advance(builder, residual, first, stride))
+                chunks.call(b, part, (main.run(chunk),), ops.w, cols, advance(b, ops.out, first, stride), ops.bias,
+                            advance(b, ops.residual, first, stride))
 
-            loop(builder, full, "chunk", chunk_call)
-            pack(builder, plane, ir.Constant(I64, full * chunk), rest)
-            runs = (main.run(rest, full * chunk),) if main else ()
-            if tail is not None:
-                builder.call(pack_tail, [plane, byte_at(builder, cols, rest * group_floats),
-                                         ir.Constant(I64, tail.first_row)])
-                runs += (tail.run(1),)
-            emitter.call(builder, runs, w, cols, out, bias, residual)
+            def runs(selected: tuple[Columns, ...]):
+                return lambda b: chunks.call(b, part, selected, ops.w, cols, ops.out, ops.bias, ops.residual)
 
-        return run
+            _switch(builder, call, [(full, whole), (full + 1, runs(last_runs)),
+                                    (calls, runs((tail.run(1),) if separate else ()))])
 
-    def _transposed_group(self, cols: ir.Value):
-        """run(builder, plane, w, out, bias, residual) for one group: every pixel packed as A panels
-        of tile-rows pixels, then one GEMM with the weights on the vector side, stored transposed."""
+        return _Units(calls, chunks.parts, pack, run, pack_columns=True)
+
+    def _transposed_group(self, cols: ir.Value) -> "_Units":
+        """Every pixel packed as A panels of tile-rows pixels, then one GEMM with the weights on the
+        vector side, stored transposed; the columns are the weights' panels (so that threads share
+        reading the weights, the bulk of the work's memory traffic)."""
         spec = self.spec
         pixels = self.oh * self.ow
         groups = _flat_group(self.oh, 1, 0, self.ow, spec.tile.rows)
         epilogue = replace(spec.epilogue, bias="col" if spec.has_bias else "none", residual_ld=pixels)
         gemm = GemmSpec(pixels, spec.reduction, spec.tile, pixels, a_packed=True, epilogue=epilogue,
                         c_transposed=True)
-        emitter = GemmEmitter(self.module, gemm, self.name + ".gemm")
+        chunks = RowChunks(self.module, gemm, self.name + ".gemm", pixels)
         pack = self.emit_pack(groups, self.name + ".pack", exact=True)
-        columns = plain_columns(spec.m // spec.group, spec.tile)
+        mg = spec.m // spec.group
 
-        def run(builder, plane, w, out, bias, residual) -> None:
-            builder.call(pack, [plane, cols, ir.Constant(I64, 0)])
-            emitter.call(builder, columns, cols, w, out, bias, residual)
+        def run(builder, ops: _Operands, panel: ir.Value, part: ir.Value) -> None:
+            chunks.call_panel(builder, part, mg, panel, cols, ops.w, ops.out, ops.bias, ops.residual)
 
-        return run
+        return _Units(panel_count(mg, spec.tile), 1,
+                      lambda b, ops: b.call(pack, [ops.plane, cols, ir.Constant(I64, 0)]), run)
 
     # -- implicit GEMM ------------------------------------------------------------------------------
     def _implicit_group(self):
-        """run(builder, plane, w, out, bias, residual) for one group: tiles over the virtual columns
-        (`ConvSpec.route`), panels outside unless the weights do not stay in L2."""
+        """Tiles over the virtual columns (`ConvSpec.route`): the panels are the columns, or, when the
+        weights do not stay in L2 but the plane does, the chunks are (one row tile each) and the panels
+        come inside, so a thread reads its weights once."""
         spec, tile = self.spec, self.spec.tile
         mg, cg = spec.m // spec.group, spec.channels // spec.group
         m_outer = 4 * mg * spec.reduction > L2_BYTES >= 4 * cg * spec.plane.size
+        size = tile.rows if m_outer else self._row_chunk(self._virtual_panels)
+        emit_tile = self._in_place_tile if spec.route == "in_place" else self._implicit_tile
+        pixels = self.oh * self.ow
 
-        def run(builder, plane, w, out, bias, residual) -> None:
-            def call(builder, row: ir.Value, rows: int, panel: ir.Value) -> None:
-                column = builder.mul(panel, ir.Constant(I64, tile.width))
-                pixels = self.oh * self.ow
-                emit_tile = self._in_place_tile if spec.route == "in_place" else self._implicit_tile
+        def run(builder, ops: _Operands, panel: ir.Value, part: ir.Value) -> None:
+            column = builder.mul(panel, ir.Constant(I64, tile.width))
+
+            def call(builder, row: ir.Value, rows: int) -> None:
                 builder.call(emit_tile(rows), [
-                    advance(builder, w, row, spec.reduction), byte_at(builder, plane, column),
-                    advance(builder, out, row, pixels), advance(builder, bias, row, 1) or w,
-                    advance(builder, residual, row, pixels) or w, column])
+                    advance(builder, ops.w, row, spec.reduction), byte_at(builder, ops.plane, column),
+                    advance(builder, ops.out, row, pixels), advance(builder, ops.bias, row, 1) or ops.w,
+                    advance(builder, ops.residual, row, pixels) or ops.w, column])
 
-            def panels(builder, visit) -> None:
-                loop(builder, self._virtual_panels, "panel", visit)
+            over_row_chunk(builder, part, size, mg, tile.rows, call)
 
-            if m_outer:
-                over_row_tiles(builder, mg, tile.rows, lambda b, row, rows: panels(
-                    b, lambda b, p: call(b, row, rows, p)))
-            else:
-                panels(builder, lambda b, p: over_row_tiles(b, mg, tile.rows, lambda b, row, rows: call(
-                    b, row, rows, p)))
-
-        return run
+        if m_outer:
+            return _Units(-(-mg // size), self._virtual_panels, None,
+                          lambda b, ops, part, panel: run(b, ops, panel, part))
+        return _Units(self._virtual_panels, -(-mg // size), None, run)
 
     def _implicit_tile(self, rows: int) -> ir.Function:
         """tile(w, plane, out, bias, residual, i64 column): rows × width outputs at virtual column
@@ -738,49 +768,101 @@ class _ConvEmitter:
                 (builder.sub(builder.mul(next_row, const(ow)), rest), there)]
 
     # -- depthwise ----------------------------------------------------------------------------------
-    def _depthwise(self, builder, x, w, bias, residual, out, scratch_plane, n, prepare) -> None:
+    def _depthwise(self, builder, ops: _Operands, scratch_plane, n: ir.Value, c: ir.Value, prepare) -> None:
+        """Channel c of image n."""
         spec, plane, lanes, epi = self.spec, self.spec.plane, self.lanes, self.spec.epilogue
         kh, kw = spec.kernel
         (sh, sw), (dh, dw) = spec.strides, spec.dilations
         oh, ow = self.oh, self.ow
         kind = ir.VectorType(F32, lanes)
+        index = builder.add(builder.mul(n, ir.Constant(I64, spec.channels)), c)
+        x_c = advance(builder, ops.x, index, plane.h * plane.w)
+        if prepare is not None:
+            builder.call(prepare, [x_c, scratch_plane])
+            x_c = scratch_plane
+        w_c = advance(builder, ops.w, c, kh * kw)
+        taps = [splat_at(builder, w_c, t, lanes) for t in range(kh * kw)]
+        b_c = splat_at(builder, ops.bias, c, lanes) if ops.bias is not None else None
+        out_c, res_c = advance(builder, ops.out, index, oh * ow), advance(builder, ops.residual, index, oh * ow)
 
-        def channel(builder, c):
-            index = builder.add(builder.mul(n, ir.Constant(I64, spec.channels)), c)
-            x_c = advance(builder, x, index, plane.h * plane.w)
-            if prepare is not None:
-                builder.call(prepare, [x_c, scratch_plane])
-                x_c = scratch_plane
-            w_c = advance(builder, w, c, kh * kw)
-            taps = [splat_at(builder, w_c, t, lanes) for t in range(kh * kw)]
-            b_c = splat_at(builder, bias, c, lanes) if bias is not None else None
-            out_c, res_c = advance(builder, out, c, oh * ow), advance(builder, residual, c, oh * ow)
+        def row(builder, oy):
+            def vector(builder, start: ir.Value, valid: int) -> None:
+                acc = fconst(kind, 0.0)
+                for ky in range(kh):
+                    line = builder.mul(builder.add(builder.mul(oy, ir.Constant(I64, sh)),
+                                                   ir.Constant(I64, ky * dh)), ir.Constant(I64, plane.width))
+                    for kx in range(kw):
+                        at = builder.add(line, scaled(builder, start, sw, kx * dw))
+                        acc = fma(builder, taps[ky * kw + kx], load_run(builder, x_c, at, valid, sw, lanes), acc)
+                at = builder.add(builder.mul(oy, ir.Constant(I64, ow)), start)
+                extra = load_vector(builder, res_c, at, lanes, valid) if res_c is not None else None
+                store_vector(builder, finish(builder, epi, acc, b_c, extra), out_c, at, valid)
 
-            def row(builder, oy):
-                def vector(builder, start: ir.Value, valid: int) -> None:
-                    acc = fconst(kind, 0.0)
-                    for ky in range(kh):
-                        line = builder.mul(builder.add(builder.mul(oy, ir.Constant(I64, sh)),
-                                                       ir.Constant(I64, ky * dh)), ir.Constant(I64, plane.width))
-                        for kx in range(kw):
-                            at = builder.add(line, scaled(builder, start, sw, kx * dw))
-                            acc = fma(builder, taps[ky * kw + kx], load_run(builder, x_c, at, valid, sw, lanes), acc)
-                    at = builder.add(builder.mul(oy, ir.Constant(I64, ow)), start)
-                    extra = load_vector(builder, res_c, at, lanes, valid) if res_c is not None else None
-                    store_vector(builder, finish(builder, epi, acc, b_c, extra), out_c, at, valid)
+            full, rest = divmod(ow, lanes)
+            loop(builder, full, "ox", lambda b, v: vector(b, b.mul(v, ir.Constant(I64, lanes)), lanes))
+            if rest:
+                vector(builder, ir.Constant(I64, full * lanes), rest)
 
-                full, rest = divmod(ow, lanes)
-                loop(builder, full, "ox", lambda b, v: vector(b, b.mul(v, ir.Constant(I64, lanes)), lanes))
-                if rest:
-                    vector(builder, ir.Constant(I64, full * lanes), rest)
+        loop(builder, oh, "oy", row)
 
-            loop(builder, oh, "oy", row)
 
-        loop(builder, spec.channels, "channel", channel)
+@dataclass(frozen=True)
+class _Units:
+    """How threads share a convolution's GEMM route, per image and group: `columns` × `chunks` units;
+    run(builder, group operands, column, chunk) computes one; pack(builder, group operands[, column])
+    prepares what the units of a group (`pack_columns`: of a group and column) share."""
+
+    columns: int
+    chunks: int
+    pack: Callable | None
+    run: Callable
+    pack_columns: bool = False
+
+
+def _switch(builder: ir.IRBuilder, index: ir.Value, cases: list[tuple[int, Callable]]) -> None:
+    """The first case(builder) whose limit exceeds `index` ((limit, case) by increasing limits; cases with
+    an empty range, limit equal to the one before, are left out)."""
+    ranges, start = [], 0
+    for limit, case in cases:
+        if limit > start:
+            ranges.append((limit, case))
+        start = max(start, limit)
+    (limit, case), rest = ranges[0], ranges[1:]
+    if not rest:
+        case(builder)
+        return
+    with builder.if_else(builder.icmp_unsigned("<", index, ir.Constant(I64, limit))) as (then, otherwise):
+        with then:
+            case(builder)
+        with otherwise:
+            _switch(builder, index, rest)
+
+
+@dataclass(frozen=True)
+class _Operands:
+    """A convolution kernel's pointers (absent optional ones None); `at_group` moves them to one group of
+    one image, whose plane (channel 0 of the group) it adds."""
+
+    x: ir.Value
+    w: ir.Value
+    bias: ir.Value | None
+    residual: ir.Value | None
+    out: ir.Value
+    image_out: int
+    plane: ir.Value | None = None
+
+    def at_group(self, builder: ir.IRBuilder, n: ir.Value, g: ir.Value, mg: int, pixels: int, plane: ir.Value,
+                 weights: int) -> "_Operands":
+        out = advance(builder, self.out, n, self.image_out)
+        residual = advance(builder, self.residual, n, self.image_out)
+        return _Operands(self.x, advance(builder, self.w, g, weights), advance(builder, self.bias, g, mg),
+                         advance(builder, residual, g, mg * pixels), advance(builder, out, g, mg * pixels),
+                         self.image_out, plane)
 
 
 def emit_conv(module: ir.Module, spec: ConvSpec, name: str) -> ir.Function:
-    """Add `name(x, w, [bias], [residual], out, scratch)` to `module`; w as `pack_conv_weights` makes it."""
+    """Add `name(x, w, [bias], [residual], out, scratch, thread, threads)` to `module`; w as
+    `pack_conv_weights` makes it."""
     return _ConvEmitter(module, spec, name).emit()
 
 

@@ -41,6 +41,7 @@ from lowbit.kernels import elementwise
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.elementwise import Emit
 from lowbit.kernels.llvm import F32, I1, I8, I32, I64, VOID, TargetSpec
+from lowbit.kernels.parallel import for_units, new_parallel_kernel, split_rows, thread_scratch
 
 BYTE_PTR = I8.as_pointer()
 K_UNROLL = 2  # K steps per loop iteration of a tile
@@ -388,6 +389,25 @@ def over_row_tiles(builder: ir.IRBuilder, m: int, rows: int, visit) -> None:
         visit(builder, ir.Constant(I64, full * rows), rest)
 
 
+def over_row_chunk(builder: ir.IRBuilder, part: ir.Value, size: int, m: int, rows: int, visit) -> None:
+    """`over_row_tiles` for chunk number `part` of `size` rows of M (the last chunk may be shorter):
+    visit(builder, first row, tile rows) with rows counted from row 0 of M."""
+    first = builder.mul(part, ir.Constant(I64, size))
+    last = m - (-(-m // size) - 1) * size
+
+    def tiles(bld: ir.IRBuilder, count: int) -> None:
+        over_row_tiles(bld, count, rows, lambda b, row, height: visit(b, b.add(first, row), height))
+
+    if last == size:
+        tiles(builder, size)
+        return
+    with builder.if_else(builder.icmp_unsigned("<", first, ir.Constant(I64, m - last))) as (full, tail):
+        with full:
+            tiles(builder, size)
+        with tail:
+            tiles(builder, last)
+
+
 class GemmEmitter:
     """Emits the GEMM entry points of one spec into a module; they share the register tiles."""
 
@@ -542,6 +562,71 @@ class GemmEmitter:
         return fn
 
 
+class RowChunks:
+    """A GEMM's M rows cut into chunks of `size` rows (whole register tiles; the last chunk may be
+    shorter): the work units of threads that share one product (`kernels.parallel`). The emitters of
+    the two chunk heights share the register tiles."""
+
+    def __init__(self, module: ir.Module, spec: GemmSpec, name: str, size: int) -> None:
+        self.spec, self.size = spec, size
+        self.parts = -(-spec.m // size)
+        last = spec.m - (self.parts - 1) * size
+        self.full = GemmEmitter(module, replace(spec, m=min(size, spec.m)), name)
+        self.last = GemmEmitter(module, replace(spec, m=last), name + ".last") if last != self.full.spec.m \
+            else self.full
+
+    def call(self, builder: ir.IRBuilder, part: ir.Value, runs: tuple[Columns, ...], a: ir.Value, b: ir.Value,
+             c: ir.Value, bias: ir.Value | None = None, residual: ir.Value | None = None) -> None:
+        """Chunk number `part` of `GemmEmitter.call(runs, a, b, c, bias, residual)`."""
+        spec, epi = self.spec, self.spec.epilogue
+        first = builder.mul(part, ir.Constant(I64, self.size))
+        a = advance(builder, a, first, spec.k if spec.a_packed else spec.lda)
+        c = advance(builder, c, first, 1 if spec.c_transposed else spec.ldc)
+        if epi.bias == "row":
+            bias = advance(builder, bias, first, 1)
+        if epi.residual:
+            residual = advance(builder, residual, first, 1 if spec.c_transposed else epi.residual_ld)
+        if self.last is self.full:
+            self.full.call(builder, runs, a, b, c, bias, residual)
+            return
+        with builder.if_else(builder.icmp_unsigned("<", part, ir.Constant(I64, self.parts - 1))) as (full, last):
+            with full:
+                self.full.call(builder, runs, a, b, c, bias, residual)
+            with last:
+                self.last.call(builder, runs, a, b, c, bias, residual)
+
+    def call_panel(self, builder: ir.IRBuilder, part: ir.Value, n: int, panel: ir.Value, a: ir.Value, b: ir.Value,
+                   c: ir.Value, bias: ir.Value | None = None, residual: ir.Value | None = None) -> None:
+        """Chunk `part` of the product with `plain_columns(n)`'s panel number `panel` (B `pack_b`'s panels)."""
+        spec, tile, epi = self.spec, self.spec.tile, self.spec.epilogue
+        full, rest = divmod(n, tile.width)
+
+        def one(bld: ir.IRBuilder, width: int, column: ir.Value) -> None:
+            b_at = advance(bld, b, column, spec.k)  # a panel of `width` columns holds K · width floats
+            c_at = advance(bld, c, column, spec.ldc if spec.c_transposed else 1)
+            bias_at = advance(bld, bias, column, 1) if epi.bias == "col" else bias
+            res_at = residual
+            if epi.residual:
+                res_at = advance(bld, residual, column, epi.residual_ld if spec.c_transposed else epi.residual_col)
+            self.call(bld, part, (Columns(((0, width),), width, 1),), a, b_at, c_at, bias_at, res_at)
+
+        if not rest:
+            one(builder, tile.width, builder.mul(panel, ir.Constant(I64, tile.width)))
+        elif not full:
+            one(builder, rest, ir.Constant(I64, 0))
+        else:
+            with builder.if_else(builder.icmp_unsigned("<", panel, ir.Constant(I64, full))) as (whole, edge):
+                with whole:
+                    one(builder, tile.width, builder.mul(panel, ir.Constant(I64, tile.width)))
+                with edge:
+                    one(builder, rest, ir.Constant(I64, full * tile.width))
+
+
+def panel_count(n: int, tile: Tile) -> int:
+    """Panels of `plain_columns(n)`."""
+    return -(-n // tile.width)
+
+
 def emit_pack_b(module: ir.Module, k: int, n: int, k_stride: int, n_stride: int, tile: Tile,
                 name: str) -> ir.Function:
     """`name(src, dst)`: B[k, j] = src[k·k_stride + j·n_stride] → `pack_b`'s panel layout at dst (zero
@@ -591,7 +676,9 @@ class Batched:
     operand is broadcast). B is `packed` at compile time (strides then count packed copies' floats)
     or a run-time matrix [K, N] with strides `b_layout` = (k_stride, n_stride), packed into scratch
     per batch index (once when it is broadcast over every axis). Operand order of the kernel:
-    a, b, bias (if `has_bias`), residual (if the epilogue has one), c, then scratch (run-time B).
+    a, b, bias (if `has_bias`), residual (if the epilogue has one), c, then scratch (run-time B:
+    `scratch_bytes` per thread), then (thread, threads): threads share units (batch index, column
+    panel, chunk of rows), chunks cut only where there are too few of the others for `threads`.
     """
 
     gemm: GemmSpec
@@ -602,6 +689,7 @@ class Batched:
     packed: bool = True
     b_layout: tuple[int, int] = (0, 1)
     has_bias: bool = False
+    threads: int = 1
 
     @property
     def scratch_bytes(self) -> int:
@@ -623,33 +711,38 @@ def batch_offset(builder: ir.IRBuilder, index: ir.Value, shape: Sequence[int], s
 def emit_batched_gemm(module: ir.Module, spec: Batched, name: str) -> ir.Function:
     gemm = spec.gemm
     buffers = 3 + spec.has_bias + gemm.epilogue.residual + (not spec.packed)
-    fn, builder = new_kernel(module, name, buffers)
-    args = list(fn.args)
+    fn, builder, thread, threads = new_parallel_kernel(module, name, buffers)
+    args = list(fn.args)[:buffers]
     a, b = args[0], args[1]
     bias = args[2] if spec.has_bias else None
     residual = args[2 + spec.has_bias] if gemm.epilogue.residual else None
     c = args[2 + spec.has_bias + gemm.epilogue.residual]
-    scratch = None if spec.packed else args[-1]
-    emitter = GemmEmitter(module, gemm, name + ".gemm")
+    scratch = None if spec.packed else thread_scratch(builder, args[-1], thread, spec.scratch_bytes)
+    count, panels = math.prod(spec.batch), panel_count(spec.n, gemm.tile)
+    chunks = RowChunks(module, gemm, name + ".gemm", split_rows(gemm.m, gemm.tile.rows, count * panels,
+                                                                spec.threads))
     pack = None if spec.packed else emit_pack_b(module, gemm.k, spec.n, *spec.b_layout, gemm.tile, name + ".pack")
     shared_b = not any(spec.b_strides)
-    if pack is not None and shared_b:
-        builder.call(pack, [b, scratch])
-    count = math.prod(spec.batch)
     c_size = gemm.m * spec.n
 
-    def body(builder: ir.IRBuilder, i: ir.Value) -> None:
+    def b_of(builder: ir.IRBuilder, i: ir.Value) -> ir.Value:
+        return byte_at(builder, b, batch_offset(builder, i, spec.batch, spec.b_strides))
+
+    def unit(builder: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        i, panel, part = indices
         a_at = byte_at(builder, a, batch_offset(builder, i, spec.batch, spec.a_strides))
-        b_at = byte_at(builder, b, batch_offset(builder, i, spec.batch, spec.b_strides))
-        if pack is not None:
-            if not shared_b:
-                builder.call(pack, [b_at, scratch])
-            b_at = scratch
         c_at = byte_at(builder, c, builder.mul(i, ir.Constant(I64, c_size)))
         res_at = byte_at(builder, residual, builder.mul(i, ir.Constant(I64, c_size))) if residual else None
-        emitter.call(builder, plain_columns(spec.n, gemm.tile), a_at, b_at, c_at, bias, res_at)
+        chunks.call_panel(builder, part, spec.n, panel, a_at, scratch if pack else b_of(builder, i), c_at, bias,
+                          res_at)
 
-    loop(builder, count, "batch", body)
+    prepare = {}
+    if pack is not None:
+        if shared_b:
+            prepare[-1] = lambda bld, _: bld.call(pack, [b, scratch])
+        else:
+            prepare[0] = lambda bld, indices: bld.call(pack, [b_of(bld, indices[0]), scratch])
+    for_units(builder, thread, threads, [count, panels, chunks.parts], "unit", unit, prepare)
     builder.ret_void()
     return fn
 
@@ -752,11 +845,14 @@ def emit_softmax_rows(builder: ir.IRBuilder, scores: ir.Value, rows: int, count:
 
 
 def emit_attention(module: ir.Module, spec: AttentionSpec, name: str) -> ir.Function:
-    fn, builder = new_kernel(module, name, 5 + spec.mask)
-    args = list(fn.args)
+    """`name(q, k_t, v, [mask], out, scratch, thread, threads)`: threads share units (batch index, block of
+    score rows), each packing the keys and values of its batch indices into its own scratch
+    (`scratch_bytes` per thread)."""
+    fn, builder, thread, threads = new_parallel_kernel(module, name, 5 + spec.mask)
+    args = list(fn.args)[:5 + spec.mask]
     q, k_t, v = args[:3]
     mask = args[3] if spec.mask else None
-    out, scratch = args[-2], args[-1]
+    out, scratch = args[-2], thread_scratch(builder, args[-1], thread, spec.scratch_bytes)
     keys_floats, values_floats, _ = spec.scratch_floats
     keys, values = scratch, byte_at(builder, scratch, keys_floats)
     scores = byte_at(builder, scratch, keys_floats + values_floats)
@@ -775,29 +871,43 @@ def emit_attention(module: ir.Module, spec: AttentionSpec, name: str) -> ir.Func
     def product(builder, emitter, n, a, b, c, residual=None):
         emitter.call(builder, plain_columns(n, tile), a, b, c, residual=residual)
 
-    def body(builder, i):
-        def at(base, strides):
-            return byte_at(builder, base, batch_offset(builder, i, spec.batch, strides))
+    def at(builder, i: ir.Value, base: ir.Value, strides: Sequence[int]) -> ir.Value:
+        return byte_at(builder, base, batch_offset(builder, i, spec.batch, strides))
 
-        q_i, mask_i = at(q, spec.q_strides), at(mask, spec.mask_strides) if mask is not None else None
+    def pack(builder, indices: list[ir.Value]) -> None:
+        builder.call(pack_keys, [at(builder, indices[0], k_t, spec.k_strides), keys])
+        builder.call(pack_values, [at(builder, indices[0], v, spec.v_strides), values])
+
+    def block(builder, i: ir.Value, row: ir.Value, rows: int) -> None:
+        q_i = at(builder, i, q, spec.q_strides)
+        mask_i = at(builder, i, mask, spec.mask_strides) if mask is not None else None
         out_i = byte_at(builder, out, builder.mul(i, ir.Constant(I64, spec.sq * spec.dv)))
-        builder.call(pack_keys, [at(k_t, spec.k_strides), keys])
-        builder.call(pack_values, [at(v, spec.v_strides), values])
-        for rows, count, first in blocks:
-            score_gemm, value_gemm = emitters[rows]
+        score_gemm, value_gemm = emitters[rows]
+        mask_at = byte_at(builder, mask_i, builder.mul(row, ir.Constant(I64, spec.mask_rows))) \
+            if mask_i is not None else None
+        product(builder, score_gemm, spec.sk, byte_at(builder, q_i, builder.mul(row, ir.Constant(I64, spec.d))),
+                keys, scores, mask_at)
+        emit_softmax_rows(builder, scores, rows, spec.sk, tile.lanes, spec.zero_nan_probs)
+        product(builder, value_gemm, spec.dv, scores, values,
+                byte_at(builder, out_i, builder.mul(row, ir.Constant(I64, spec.dv))))
 
-            def block(builder, j, rows=rows, first=first, score_gemm=score_gemm, value_gemm=value_gemm):
-                row = scaled(builder, j, rows, first)
-                mask_at = byte_at(builder, mask_i, builder.mul(row, ir.Constant(I64, spec.mask_rows))) \
-                    if mask_i is not None else None
-                product(builder, score_gemm, spec.sk, byte_at(builder, q_i, builder.mul(row, ir.Constant(I64, spec.d))),
-                        keys, scores, mask_at)
-                emit_softmax_rows(builder, scores, rows, spec.sk, tile.lanes, spec.zero_nan_probs)
-                product(builder, value_gemm, spec.dv, scores, values,
-                        byte_at(builder, out_i, builder.mul(row, ir.Constant(I64, spec.dv))))
+    (rows, count, _), tail = blocks[0], blocks[1:]
 
-            loop(builder, count, "block", block)
+    def unit(builder, indices: list[ir.Value]) -> None:
+        i, j = indices
+        if not tail:
+            block(builder, i, builder.mul(j, ir.Constant(I64, rows)), rows)
+            return
+        short = lambda b: block(b, i, ir.Constant(I64, tail[0][2]), tail[0][0])  # noqa: E731
+        if not count:
+            short(builder)
+            return
+        with builder.if_else(builder.icmp_unsigned("<", j, ir.Constant(I64, count))) as (whole, last):
+            with whole:
+                block(builder, i, builder.mul(j, ir.Constant(I64, rows)), rows)
+            with last:
+                short(builder)
 
-    loop(builder, math.prod(spec.batch), "batch", body)
+    for_units(builder, thread, threads, [math.prod(spec.batch), count + len(tail)], "unit", unit, {0: pack})
     builder.ret_void()
     return fn

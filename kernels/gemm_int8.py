@@ -49,6 +49,7 @@ from lowbit.kernels import llvm as ll
 from lowbit.kernels.llvm import I8, I16, I32, I64, VOID, TargetSpec
 from lowbit.kernels.packing import (ALIGNMENT, PackedWeights, Panel, aligned_empty, column_sums,
                                     pack_weights)
+from lowbit.kernels.parallel import Prepare, chunk_bounds, for_units
 
 INT16_MAX = (1 << 15) - 1
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
@@ -155,7 +156,7 @@ ROUTES: tuple[Route, ...] = (
 ROUTE_NAMES = {route.name: route for route in ROUTES}
 
 
-def _activation_dtype(a_dtype: DType | np.dtype | type | str) -> DType:
+def activation_dtype(a_dtype: DType | np.dtype | type | str) -> DType:
     try:
         dtype = a_dtype if isinstance(a_dtype, DType) else DType.from_numpy(np.dtype(a_dtype))
     except TypeError:
@@ -242,7 +243,7 @@ class GemmPlan:
         return self.weights.panel_bytes(panel, self.route.lanes, self.route.kr, self.route.element_bytes)
 
 
-def _check_accumulator_range(weights: np.ndarray, offset: np.ndarray, a_low: int, a_high: int) -> None:
+def check_accumulator_range(weights: np.ndarray, offset: np.ndarray, a_low: int, a_high: int) -> None:
     """int32 lanes wrap, which is exact as long as every true result fits int32: check that here."""
     w = weights.astype(np.int64)
     positive = np.clip(w, 0, None).sum(axis=0)
@@ -266,7 +267,7 @@ def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, targe
         described = (f"{weights.dtype} {list(weights.shape)}" if isinstance(weights, np.ndarray)
                      else type(weights).__name__)
         raise ShapeError(f"int8 GEMM: weights must be a non-empty 2-D int8 array [K, N], not {described}")
-    dtype = _activation_dtype(a_dtype)
+    dtype = activation_dtype(a_dtype)
     k, n = weights.shape
     chosen = choose_route(target, weights, guarantee_7bit, route)
     flip = _flips(chosen, dtype, guarantee_7bit)
@@ -278,7 +279,7 @@ def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, targe
                              f"not {offset.dtype} {list(offset.shape)}")
         total += offset
     a_low, a_high = _activation_range(dtype, guarantee_7bit)
-    _check_accumulator_range(weights, total, a_low, a_high)
+    check_accumulator_range(weights, total, a_low, a_high)
     if flip:
         # the kernel computes Σ (a ± 128)·b: + for i8 fed as u8, − for u8 fed as s8
         total -= (128 if dtype.is_signed else -128) * column_sums(weights)
@@ -468,9 +469,13 @@ class TileEmitter:
                 visit(builder, rows, builder.add(base, before))
 
     def run_panel(self, builder: ir.IRBuilder, a: ir.Value, lda: ir.Value, m: ir.Value, b: ir.Value,
-                  col0: ir.Value, vectors: int, valid: int, args: Sequence[ir.Value]) -> None:
-        """All M rows of A against the panel at `b` (columns col0 .. col0 + valid of C)."""
+                  col0: ir.Value, vectors: int, valid: int, args: Sequence[ir.Value],
+                  first_row: ir.Value | None = None) -> None:
+        """Rows first_row .. first_row + m (default 0 .. m) of A against the panel at `b` (columns col0 ..
+        col0 + valid of C)."""
         def visit(builder: ir.IRBuilder, rows: int, first: ir.Value) -> None:
+            if first_row is not None:
+                first = builder.add(first_row, first)
             builder.call(self.tile(rows, vectors, valid),
                          [builder.gep(a, [builder.mul(first, lda)]), lda, b, first, col0, *args])
 
@@ -540,18 +545,65 @@ def remainder_blocks(mr: int) -> list[int]:
 def emit_panels(builder: ir.IRBuilder, tiles: TileEmitter, plan: GemmPlan, a: ir.Value, lda: ir.Value,
                 m: ir.Value, b: ir.Value, args: Sequence[ir.Value]) -> None:
     """All of C for the plan's packed weights at `b`: full panels in a loop, then the edge panel."""
-    panels = plan.weights.panels
-    width = panels[0].vectors * plan.route.lanes
-    full = [panel for panel in panels if panel.valid == width]  # all but an edge panel
+    full = _full_panels(plan)
     if full:
-        panel_bytes = ir.Constant(I64, plan.panel_bytes(full[0]))
-        ll.counted_loop(builder, ir.Constant(I64, len(full)), "n", body=lambda builder, p, _: tiles.run_panel(
-            builder, a, lda, m, builder.gep(b, [builder.mul(p, panel_bytes)]),
-            builder.mul(p, ir.Constant(I64, width)), full[0].vectors, width, args))
-    for panel in panels[len(full):]:  # the edge panel
-        b_start = len(full) * plan.panel_bytes(full[0]) if full else 0
-        tiles.run_panel(builder, a, lda, m, builder.gep(b, [ir.Constant(I64, b_start)]),
-                        ir.Constant(I64, panel.start), panel.vectors, panel.valid, args)
+        ll.counted_loop(builder, ir.Constant(I64, full), "n", body=lambda builder, p, _: emit_panel(
+            builder, tiles, plan, a, lda, m, b, p, args))
+    if full < len(plan.weights.panels):
+        emit_panel(builder, tiles, plan, a, lda, m, b, ir.Constant(I64, full), args)
+
+
+def emit_shared_panels(builder: ir.IRBuilder, tiles: TileEmitter, plan: GemmPlan, a: ir.Value, lda: ir.Value,
+                       rows: int, b: ir.Value, args: Sequence[ir.Value], thread: ir.Value, threads: ir.Value,
+                       chunk: int, prepare: Prepare | None = None) -> None:
+    """`thread`'s share of `emit_panels` over `rows` rows (a parallel kernel, `kernels.parallel`): the units
+    are (panel, chunk of `chunk` rows), panel-major so that a thread reads few panels of B; `prepare` runs
+    before the thread's first unit (e.g. packing A into its own scratch)."""
+    def unit(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        panel, part = indices
+        first, count = chunk_bounds(bld, part, chunk, rows)
+        emit_panel(bld, tiles, plan, a, lda, count, b, panel, args, first)
+
+    for_units(builder, thread, threads, [len(plan.weights.panels), -(-rows // chunk)], "unit", unit,
+              {-1: prepare} if prepare else None)
+
+
+def _full_panels(plan: GemmPlan) -> int:
+    """How many of the plan's panels are full width (all but an edge panel)."""
+    panels = plan.weights.panels
+    return sum(panel.valid == panels[0].vectors * plan.route.lanes for panel in panels)
+
+
+def emit_panel(builder: ir.IRBuilder, tiles: TileEmitter, plan: GemmPlan, a: ir.Value, lda: ir.Value,
+               m: ir.Value, b: ir.Value, index: ir.Value, args: Sequence[ir.Value],
+               first_row: ir.Value | None = None) -> None:
+    """Rows first_row .. first_row + m (default 0 .. m) of C against packed panel number `index` (i64, run
+    time: a parallel kernel's unit) of the plan's weights at `b`."""
+    panels, full = plan.weights.panels, _full_panels(plan)
+    width = panels[0].vectors * plan.route.lanes
+
+    def full_panel(bld: ir.IRBuilder) -> None:
+        at = bld.gep(b, [bld.mul(index, ir.Constant(I64, plan.panel_bytes(panels[0])))])
+        tiles.run_panel(bld, a, lda, m, at, bld.mul(index, ir.Constant(I64, width)), panels[0].vectors, width,
+                        args, first_row)
+
+    def edge_panel(bld: ir.IRBuilder) -> None:
+        edge = panels[-1]
+        at = bld.gep(b, [ir.Constant(I64, full * plan.panel_bytes(panels[0]) if full else 0)])
+        tiles.run_panel(bld, a, lda, m, at, ir.Constant(I64, edge.start), edge.vectors, edge.valid, args, first_row)
+
+    if full == len(panels):
+        full_panel(builder)
+    elif full == 0:
+        edge_panel(builder)
+    elif isinstance(index, ir.Constant):
+        (full_panel if index.constant < full else edge_panel)(builder)
+    else:
+        with builder.if_else(builder.icmp_unsigned("<", index, ir.Constant(I64, full))) as (is_full, is_edge):
+            with is_full:
+                full_panel(builder)
+            with is_edge:
+                edge_panel(builder)
 
 
 def emit_gemm(module: ir.Module, plan: GemmPlan, name: str) -> ir.Function:

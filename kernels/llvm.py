@@ -197,6 +197,22 @@ def check_runs_here(target: TargetSpec, host: TargetSpec | HostCpu | None = None
         missing = sorted(target.features - host.features) if target.arch == host.arch else []
         why = f"missing {', '.join(missing)}" if missing else f"it is {target.arch}, this is {host.arch}"
         raise TargetError(f"code for target {target.name} cannot run on this machine ({host.cpu}): {why}")
+    if "amx-tile" in target.features:
+        enable_amx()
+
+
+# Linux (5.16+) hands AMX tile state to a process only on request, before its first tile instruction.
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
+
+
+@lru_cache(maxsize=None)
+def enable_amx() -> None:
+    """Ask the kernel for this process's AMX tile state (arch_prctl); TargetError if refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        raise TargetError(f"the operating system refused this process AMX tile state (arch_prctl "
+                          f"ARCH_REQ_XCOMP_PERM: errno {ctypes.get_errno()}); compile for a target without "
+                          f"amx-tile (e.g. x86_64-avx512vnni)")
 
 
 class JitModule:

@@ -18,17 +18,21 @@ windows never test bounds and row vectors may read a little past their last pixe
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+
 import numpy as np
 from llvmlite import ir
 
 from lowbit.ir.dtypes import DType
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.gemm_int8 import Route, TileEmitter, convert_values, store_groups
+from lowbit.kernels.gemm_wide import ROWS as WIDE_ROWS
 from lowbit.kernels.gemm_wide import Side, emit_wide_gemm
 from lowbit.kernels.llvm import I8, I32, I64
-from lowbit.kernels.movement import memcpy, new_kernel, store_run
+from lowbit.kernels.movement import memcpy, store_run
 from lowbit.kernels.packing import ALIGNMENT
+from lowbit.kernels.parallel import chunk_bounds, for_units, new_parallel_kernel, split_rows, thread_scratch
 from lowbit.kernels.reduce import nested_loops
 
 BYTE_PTR = I8.as_pointer()
@@ -212,7 +216,7 @@ def pack_weight_rows(centred: np.ndarray, route: Route) -> np.ndarray:
     return rows
 
 
-def _pack_panel(module: ir.Module, name: str, conv: FastConv, run: PixelRun, offsets: ir.Value) -> ir.Function:
+def pack_panel(module: ir.Module, name: str, conv: FastConv, run: PixelRun, offsets: ir.Value) -> ir.Function:
     """`name(planes, dst, first_row)`: the im2col panel of `run` whose pixels start at output row first_row,
     [K groups][panel width][kr], converted for the route (K padding: zeros); `offsets` is the table of
     `ConvShape.tap_offsets`."""
@@ -267,69 +271,96 @@ def _pack_panel(module: ir.Module, name: str, conv: FastConv, run: PixelRun, off
     return fn
 
 
-def _images(builder: ir.IRBuilder, shape: ConvShape, x: ir.Value, out: ir.Value, residual: ir.Value | None,
-            out_bytes: int, residual_bytes: int, body) -> None:
-    """body(builder, x_n, out_n, residual_n) for every image."""
-    image_in = shape.channels * shape.h * shape.w * shape.element_bytes
-    image_out = shape.m * shape.pixels
-
-    def image(b: ir.IRBuilder, n: ir.Value, carried: list) -> list:
-        res_n = b.gep(residual, [b.mul(n, _const(image_out * residual_bytes))]) if residual is not None else None
-        body(b, b.gep(x, [b.mul(n, _const(image_in))]), b.gep(out, [b.mul(n, _const(image_out * out_bytes))]), res_n)
-        return carried
-
-    ll.static_loop(builder, shape.batch, "image", image)
-
-
-def _unpack_args(fn: ir.Function, residual: bool) -> tuple:
-    """(x, w, residual or None, out, scratch) of a convolution kernel `(x, w, [residual], out, scratch)`."""
+def conv_kernel(module: ir.Module, name: str, residual: DType | None) -> tuple:
+    """A parallel convolution kernel `name(x, w, [residual], out, scratch, thread, threads)`: (function,
+    builder, x, w, residual or None, out, scratch, thread, threads)."""
+    fn, builder, thread, threads = new_parallel_kernel(module, name, 5 if residual else 4)
     args = list(fn.args)
-    return args[0], args[1], (args[2] if residual else None), args[-2], args[-1]
+    return fn, builder, args[0], args[1], (args[2] if residual else None), args[-4], args[-3], thread, threads
+
+
+class ConvImage:
+    """Pointers of image n and of its group g: output and residual, as the epilogue's arguments."""
+
+    def __init__(self, shape: ConvShape, x: ir.Value, out: ir.Value, residual: ir.Value | None, out_bytes: int,
+                 residual_bytes: int) -> None:
+        self.shape, self.x, self.out, self.residual = shape, x, out, residual
+        self.out_bytes, self.residual_bytes = out_bytes, residual_bytes
+
+    def input(self, b: ir.IRBuilder, n: ir.Value) -> ir.Value:
+        return b.gep(self.x, [b.mul(n, _const(self.shape.channels * self.shape.h * self.shape.w
+                                               * self.shape.element_bytes))])
+
+    def epilogue_args(self, b: ir.IRBuilder, n: ir.Value, first_channel: ir.Value) -> list[ir.Value]:
+        """out, [residual] at the image's channel `first_channel`, then that channel's index."""
+        shape = self.shape
+        at = b.add(b.mul(n, _const(shape.m)), first_channel)
+        args = [b.gep(self.out, [b.mul(at, _const(shape.pixels * self.out_bytes))])]
+        if self.residual is not None:
+            args.append(b.gep(self.residual, [b.mul(at, _const(shape.pixels * self.residual_bytes))]))
+        return args + [first_channel]
+
+
+def for_run(builder: ir.IRBuilder, runs: list[PixelRun], panel: ir.Value, body) -> None:
+    """body(builder, run number, index in the run) for the run that holds flat panel number `panel`."""
+    start = 0
+    for number, run in enumerate(runs):
+        inside = builder.icmp_unsigned("<", builder.sub(panel, _const(start)), _const(run.count))
+        with builder.if_then(inside) if len(runs) > 1 else nullcontext():
+            body(builder, number, builder.sub(panel, _const(start)))
+        start += run.count
 
 
 def emit_fast_conv(module: ir.Module, name: str, conv: FastConv, epilogue, out_bytes: int,
-                   residual: DType | None, vector_bytes: int) -> ir.Function:
-    """`name(x, w, [residual], out, scratch)` on the int8 route; `epilogue` a "row" `ProductEpilogue`."""
+                   residual: DType | None, vector_bytes: int, threads: int = 1) -> ir.Function:
+    """`name(x, w, [residual], out, scratch, thread, threads)` on the int8 route; `epilogue` a "row"
+    `ProductEpilogue`; scratch holds `conv.scratch_bytes` per thread.
+
+    Threads share units (image, group, pixel panel, chunk of output channels), chunks cut only when the
+    panels are too few for `threads`; a thread copies the planes of each image it works on and packs
+    each panel it works on into its own scratch."""
     shape, route = conv.shape, conv.route
-    fn, builder = new_kernel(module, name, 5 if residual else 4)
-    x, w, res, out, scratch = _unpack_args(fn, residual is not None)
-    planes = scratch
-    panel = builder.gep(scratch, [_const(plane_bytes(shape, shape.channels, conv.slack))])
+    fn, builder, x, w, res, out, scratch, thread, count = conv_kernel(module, name, residual)
+    planes = thread_scratch(builder, scratch, thread, conv.scratch_bytes)
+    panel = builder.gep(planes, [_const(plane_bytes(shape, shape.channels, conv.slack))])
     tiles = TileEmitter(module, name, route, conv.groups, conv.mr, epilogue, swapped=True, aligned=False)
     offsets = ll.global_table(module, f"{name}.taps", I32, shape.tap_offsets())
-    packs = [_pack_panel(module, f"{name}.pack{i}", conv, run, offsets) for i, run in enumerate(conv.runs())]
+    runs = conv.runs()
+    packs = [pack_panel(module, f"{name}.pack{i}", conv, run, offsets) for i, run in enumerate(runs)]
     hp, wp = shape.plane
-    residual_bytes = residual.bits // 8 if residual else 0
-    ow = shape.out[1]
+    image = ConvImage(shape, x, out, res, out_bytes, residual.bits // 8 if residual else 0)
+    panels = sum(run.count for run in runs)
+    chunk = split_rows(shape.mg, conv.mr, shape.batch * shape.group * panels, threads)
 
-    def image(b: ir.IRBuilder, x_n: ir.Value, out_n: ir.Value, res_n: ir.Value | None) -> None:
-        emit_plane(b, shape, x_n, planes, shape.channels, vector_bytes)
+    def group_planes(b: ir.IRBuilder, g: ir.Value) -> ir.Value:
+        return b.gep(planes, [b.mul(g, _const(shape.cg * hp * wp * shape.element_bytes))])
 
-        def group(b2: ir.IRBuilder, g: ir.Value, carried: list) -> list:
-            first = b2.mul(g, _const(shape.mg))  # the group's first output channel
-            planes_g = b2.gep(planes, [b2.mul(g, _const(shape.cg * hp * wp * shape.element_bytes))])
-            w_g = b2.gep(w, [b2.mul(first, _const(conv.row_bytes))])
-            args = [b2.gep(out_n, [b2.mul(first, _const(shape.pixels * out_bytes))])]
-            if res_n is not None:
-                args.append(b2.gep(res_n, [b2.mul(first, _const(shape.pixels * residual_bytes))]))
-            args.append(first)
-            for run, pack in zip(conv.runs(), packs):
-                vectors = -(-run.valid // route.lanes)
+    def first_row(b: ir.IRBuilder, run: PixelRun, i: ir.Value) -> ir.Value:
+        return b.add(_const(run.first_row), b.mul(i, _const(run.rows)))
 
-                def panel_body(b3: ir.IRBuilder, i: ir.Value, c: list, run=run, pack=pack, vectors=vectors) -> list:
-                    row = b3.add(_const(run.first_row), b3.mul(i, _const(run.rows)))
-                    b3.call(pack, [planes_g, panel, row])
-                    col0 = b3.add(b3.mul(row, _const(ow)), _const(run.pieces[0][1]))
-                    tiles.run_panel(b3, w_g, _const(conv.row_bytes), _const(shape.mg), panel, col0, vectors,
-                                    run.valid, args)
-                    return c
+    def pack(b: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        _, g, q = indices
+        for_run(b, runs, q, lambda b2, r, i: b2.call(packs[r], [group_planes(b2, g), panel,
+                                                               first_row(b2, runs[r], i)]))
 
-                ll.static_loop(b2, run.count, "panel", panel_body)
-            return carried
+    def unit(b: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        n, g, q, part = indices
+        first, rows = chunk_bounds(b, part, chunk, shape.mg)
+        group_first = b.mul(g, _const(shape.mg))  # the group's first output channel
+        w_g = b.gep(w, [b.mul(group_first, _const(conv.row_bytes))])
+        args = image.epilogue_args(b, n, group_first)
 
-        ll.static_loop(b, shape.group, "group", group)
+        def tiles_of(b2: ir.IRBuilder, r: int, i: ir.Value) -> None:
+            run = runs[r]
+            col0 = b2.add(b2.mul(first_row(b2, run, i), _const(shape.out[1])), _const(run.pieces[0][1]))
+            tiles.run_panel(b2, w_g, _const(conv.row_bytes), rows, panel, col0, -(-run.valid // route.lanes),
+                            run.valid, args, first)
 
-    _images(builder, shape, x, out, res, out_bytes, residual_bytes, image)
+        for_run(b, runs, q, tiles_of)
+
+    for_units(builder, thread, count, [shape.batch, shape.group, panels, -(-shape.mg // chunk)], "unit", unit,
+              {0: lambda b, indices: emit_plane(b, shape, image.input(b, indices[0]), planes, shape.channels,
+                                                vector_bytes), 2: pack})
     builder.ret_void()
     return fn
 
@@ -341,11 +372,12 @@ def depthwise_scratch_bytes(shape: ConvShape, lanes: int) -> int:
 
 def emit_depthwise(module: ir.Module, name: str, shape: ConvShape, lanes: int, wide: bool, epilogue,
                    out_bytes: int, residual: DType | None, vector_bytes: int) -> ir.Function:
-    """`name(x, w, [residual], out, scratch)`: w holds the centred weights as int32 [C, kh·kw]; `wide`
-    accumulates in int64 lanes."""
-    fn, builder = new_kernel(module, name, 5 if residual else 4)
-    x, w, res, out, scratch = _unpack_args(fn, residual is not None)
+    """`name(x, w, [residual], out, scratch, thread, threads)`: w holds the centred weights as int32
+    [C, kh·kw]; `wide` accumulates in int64 lanes. Threads share the (image, channel) pairs, each with
+    its own plane: `depthwise_scratch_bytes` per thread."""
+    fn, builder, x, w, res, out, scratch, thread, threads = conv_kernel(module, name, residual)
     element = ll.element_type(shape.dtype)
+    scratch = thread_scratch(builder, scratch, thread, depthwise_scratch_bytes(shape, lanes))
     plane = builder.bitcast(scratch, element.as_pointer())
     weights = builder.bitcast(w, I32.as_pointer())
     acc_element = I64 if wide else I32
@@ -354,46 +386,44 @@ def emit_depthwise(module: ir.Module, name: str, shape: ConvShape, lanes: int, w
     hp, wp = shape.plane
     oh, ow = shape.out
     image_plane = shape.h * shape.w * shape.element_bytes
-    residual_bytes = residual.bits // 8 if residual else 0
+    image = ConvImage(shape, x, out, res, out_bytes, residual.bits // 8 if residual else 0)
     zero_point = ir.Constant(kind, [shape.zero_point] * lanes)
 
     def widen(b: ir.IRBuilder, value: ir.Value) -> ir.Value:
         return b.sext(value, kind) if shape.dtype.is_signed else b.zext(value, kind)
 
-    def image(b: ir.IRBuilder, x_n: ir.Value, out_n: ir.Value, res_n: ir.Value | None) -> None:
-        def channel(b2: ir.IRBuilder, c: ir.Value, carried: list) -> list:
-            emit_plane(b2, shape, b2.gep(x_n, [b2.mul(c, _const(image_plane))]), scratch, 1, vector_bytes)
-            taps = []
-            for t in range(kh * kw):
-                value = b2.load(b2.gep(weights, [b2.add(b2.mul(c, _const(kh * kw)), _const(t))]))
-                taps.append(ll.splat(b2, b2.sext(value, acc_element) if wide else value, lanes))
-            args = [out_n] + ([res_n] if res_n is not None else []) + [_const(0)]
+    def channel(b2: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        n, c = indices
+        emit_plane(b2, shape, b2.gep(image.input(b2, n), [b2.mul(c, _const(image_plane))]), scratch, 1,
+                   vector_bytes)
+        taps = []
+        for t in range(kh * kw):
+            value = b2.load(b2.gep(weights, [b2.add(b2.mul(c, _const(kh * kw)), _const(t))]))
+            taps.append(ll.splat(b2, b2.sext(value, acc_element) if wide else value, lanes))
+        args = image.epilogue_args(b2, n, _const(0))
 
-            def vector(b3: ir.IRBuilder, oy: ir.Value, ox: ir.Value, valid: int) -> None:
-                acc = ir.Constant(kind, None)
-                for ky in range(kh):
-                    line = b3.mul(b3.add(b3.mul(oy, _const(sh)), _const(ky * dh)), _const(wp))
-                    for kx in range(kw):
-                        at = b3.add(line, b3.add(b3.mul(ox, _const(sw)), _const(kx * dw)))
-                        values = b3.sub(widen(b3, strided_row(b3, plane, at, lanes, sw)), zero_point)
-                        acc = b3.add(acc, b3.mul(values, taps[ky * kw + kx]))
-                epilogue.emit(b3, [[acc]], c, b3.add(b3.mul(oy, _const(ow)), ox), valid, args)
+        def vector(b3: ir.IRBuilder, oy: ir.Value, ox: ir.Value, valid: int) -> None:
+            acc = ir.Constant(kind, None)
+            for ky in range(kh):
+                line = b3.mul(b3.add(b3.mul(oy, _const(sh)), _const(ky * dh)), _const(wp))
+                for kx in range(kw):
+                    at = b3.add(line, b3.add(b3.mul(ox, _const(sw)), _const(kx * dw)))
+                    values = b3.sub(widen(b3, strided_row(b3, plane, at, lanes, sw)), zero_point)
+                    acc = b3.add(acc, b3.mul(values, taps[ky * kw + kx]))
+            epilogue.emit(b3, [[acc]], c, b3.add(b3.mul(oy, _const(ow)), ox), valid, args)
 
-            def row(b3: ir.IRBuilder, oy: ir.Value, c3: list) -> list:
-                full, rest = divmod(ow, lanes)
-                if full:
-                    ll.static_loop(b3, full, "ox",
-                                   lambda b4, v, c4: vector(b4, oy, b4.mul(v, _const(lanes)), lanes) or c4)
-                if rest:
-                    vector(b3, oy, _const(full * lanes), rest)
-                return c3
+        def row(b3: ir.IRBuilder, oy: ir.Value, c3: list) -> list:
+            full, rest = divmod(ow, lanes)
+            if full:
+                ll.static_loop(b3, full, "ox",
+                               lambda b4, v, c4: vector(b4, oy, b4.mul(v, _const(lanes)), lanes) or c4)
+            if rest:
+                vector(b3, oy, _const(full * lanes), rest)
+            return c3
 
-            ll.static_loop(b2, oh, "oy", row)
-            return carried
+        ll.static_loop(b2, oh, "oy", row)
 
-        ll.static_loop(b, shape.channels, "channel", channel)
-
-    _images(builder, shape, x, out, res, out_bytes, residual_bytes, image)
+    for_units(builder, thread, threads, [shape.batch, shape.channels], "channel", channel)
     builder.ret_void()
     return fn
 
@@ -404,52 +434,63 @@ def wide_scratch_bytes(shape: ConvShape) -> int:
 
 
 def emit_wide_conv(module: ir.Module, name: str, shape: ConvShape, lanes: int, epilogue, out_bytes: int,
-                   residual: DType | None, vector_bytes: int) -> ir.Function:
-    """`name(x, w, [residual], out, scratch)`: w holds the centred weights as int32 [M, K]; per image and
-    group the centred im2col matrix [K, pixels] (int32) goes through `gemm_wide`."""
-    fn, builder = new_kernel(module, name, 5 if residual else 4)
-    x, w, res, out, scratch = _unpack_args(fn, residual is not None)
+                   residual: DType | None, vector_bytes: int, threads: int = 1) -> ir.Function:
+    """`name(x, w, [residual], out, scratch, thread, threads)`: w holds the centred weights as int32 [M, K];
+    per image and group the centred im2col matrix [K, pixels] (int32) goes through `gemm_wide`. Threads
+    share units (image, group, chunk of output channels), each with its own planes and im2col matrix
+    (`wide_scratch_bytes` per thread)."""
+    fn, builder, x, w, res, out, scratch, thread, count = conv_kernel(module, name, residual)
     element = ll.element_type(shape.dtype)
-    planes = scratch
-    cols = builder.bitcast(builder.gep(scratch, [_const(plane_bytes(shape, shape.channels, ALIGNMENT))]),
+    planes = thread_scratch(builder, scratch, thread, wide_scratch_bytes(shape))
+    cols = builder.bitcast(builder.gep(planes, [_const(plane_bytes(shape, shape.channels, ALIGNMENT))]),
                            I32.as_pointer())
+    typed = builder.bitcast(planes, element.as_pointer())
     weights = builder.bitcast(w, I32.as_pointer())
     hp, wp = shape.plane
     (sh, sw), (oh, ow) = shape.strides, shape.out
     k_total, pixels = shape.reduction, shape.pixels
     offsets = ll.global_table(module, f"{name}.taps", I64, shape.tap_offsets())
-    residual_bytes = residual.bits // 8 if residual else 0
+    image = ConvImage(shape, x, out, res, out_bytes, residual.bits // 8 if residual else 0)
+    chunk = split_rows(shape.mg, WIDE_ROWS, shape.batch * shape.group, threads)
+    parts = -(-shape.mg // chunk)
 
-    def image(b: ir.IRBuilder, x_n: ir.Value, out_n: ir.Value, res_n: ir.Value | None) -> None:
-        emit_plane(b, shape, x_n, planes, shape.channels, vector_bytes)
-        typed = b.bitcast(planes, element.as_pointer())
+    def im2col(b: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        base = b.mul(indices[1], _const(shape.cg * hp * wp))
 
-        def group(b2: ir.IRBuilder, g: ir.Value, carried: list) -> list:
-            base = b2.mul(g, _const(shape.cg * hp * wp))
+        def column(b3: ir.IRBuilder, indices: list, c: list) -> list:
+            k, oy, ox = indices
+            at = b3.add(b3.add(base, b3.load(b3.gep(offsets, [k]))),
+                        b3.add(b3.mul(oy, _const(sh * wp)), b3.mul(ox, _const(sw))))
+            value = b3.load(b3.gep(typed, [at]))
+            wide = b3.sext(value, I32) if shape.dtype.is_signed else b3.zext(value, I32)
+            index = b3.add(b3.mul(k, _const(pixels)), b3.add(b3.mul(oy, _const(ow)), ox))
+            b3.store(b3.sub(wide, ir.Constant(I32, shape.zero_point)), b3.gep(cols, [index]))
+            return c
 
-            def column(b3: ir.IRBuilder, indices: list, c: list) -> list:
-                k, oy, ox = indices
-                at = b3.add(b3.add(base, b3.load(b3.gep(offsets, [k]))),
-                            b3.add(b3.mul(oy, _const(sh * wp)), b3.mul(ox, _const(sw))))
-                value = b3.load(b3.gep(typed, [at]))
-                wide = b3.sext(value, I32) if shape.dtype.is_signed else b3.zext(value, I32)
-                index = b3.add(b3.mul(k, _const(pixels)), b3.add(b3.mul(oy, _const(ow)), ox))
-                b3.store(b3.sub(wide, ir.Constant(I32, shape.zero_point)), b3.gep(cols, [index]))
-                return c
+        nested_loops(b, [k_total, oh, ow], "im2col", column)
 
-            nested_loops(b2, [k_total, oh, ow], "im2col", column)
-            first = b2.mul(g, _const(shape.mg))
-            args = [b2.gep(out_n, [b2.mul(first, _const(pixels * out_bytes))])]
-            if res_n is not None:
-                args.append(b2.gep(res_n, [b2.mul(first, _const(pixels * residual_bytes))]))
-            args.append(first)
-            a = Side(b2.gep(weights, [b2.mul(first, _const(k_total))]), DType.i32, k_total, _const(0))
-            emit_wide_gemm(b2, shape.mg, pixels, k_total, a, Side(cols, DType.i32, pixels, _const(0)), epilogue,
-                           args, lanes)
-            return carried
+    def unit(b: ir.IRBuilder, indices: list[ir.Value]) -> None:
+        n, g, part = indices
+        first = b.add(b.mul(g, _const(shape.mg)), b.mul(part, _const(chunk)))  # the chunk's first channel
+        args = image.epilogue_args(b, n, first)
+        a = Side(b.gep(weights, [b.mul(first, _const(k_total))]), DType.i32, k_total, _const(0))
 
-        ll.static_loop(b, shape.group, "group", group)
+        def rows(b2: ir.IRBuilder, count: int) -> None:
+            emit_wide_gemm(b2, count, pixels, k_total, a, Side(cols, DType.i32, pixels, _const(0)), epilogue, args,
+                           lanes)
 
-    _images(builder, shape, x, out, res, out_bytes, residual_bytes, image)
+        last = shape.mg - (parts - 1) * chunk
+        if last == chunk:
+            rows(b, chunk)
+            return
+        with b.if_else(b.icmp_unsigned("<", part, _const(parts - 1))) as (full, tail):
+            with full:
+                rows(b, chunk)
+            with tail:
+                rows(b, last)
+
+    for_units(builder, thread, count, [shape.batch, shape.group, parts], "unit", unit,
+              {0: lambda b, indices: emit_plane(b, shape, image.input(b, indices[0]), planes, shape.channels,
+                                                vector_bytes), 1: im2col})
     builder.ret_void()
     return fn

@@ -194,6 +194,14 @@ class _Product:
                 builder.store(acc, builder.gep(spill, [ir.Constant(I32, r * vectors + v)]))
         builder.call(self._helper(kind, vectors, valid), [spill, ir.Constant(I64, rows), row0, col0, *args])
 
+    def emit_stored(self, builder: ir.IRBuilder, stored: ir.Value, kind: ir.Type, rows: int | ir.Value, vectors: int,
+                    row0: ir.Value, col0: ir.Value, valid: int, args: Sequence[ir.Value]) -> None:
+        """`emit` for accumulators already in memory (AMX tiles stored): `rows` × `vectors` vectors of `kind`
+        at `stored` (any pointer), row by row; no copy."""
+        rows = rows if isinstance(rows, ir.Value) else ir.Constant(I64, rows)
+        builder.call(self._helper(kind, vectors, valid),
+                     [builder.bitcast(stored, kind.as_pointer()), rows, row0, col0, *args])
+
     def _vectors(self, builder, accs, row0, col0, valid, args) -> None:
         head = len(self.arg_types) - 1 - len(self.corrections.arg_types)
         bound, channel0, sums = self.bind(builder, args[:head]), args[head], args[head + 1:]

@@ -83,7 +83,13 @@ def prune(graph: Graph, method: str = "magnitude", *, calibration=None, **option
 
 def compile(graph: Graph, target: str = "host", num_threads: int = 1):
     """Compile `graph` to native code for `target` (`"host"`, or a name such as `"x86_64-avx2"`);
-    the result's `.run(feeds)` returns outputs by name, like `run_reference`."""
+    the result's `.run(feeds)` returns outputs by name, like `run_reference`.
+
+    `num_threads` > 1 runs each call on that many threads: the calling one and threads started for the
+    call, sharing the outputs of convolutions and matrix products; results are bit-identical for every
+    thread count. A model with little such work stays on one thread, as starting threads would not pay
+    (`lowbit.backends.native.compiler.PARALLEL_MIN_MACS`); the result's `.threads` says what a run uses.
+    Calls from several Python threads at once are safe (each has its own working memory)."""
     from lowbit.backends.native.compiler import compile_graph
 
     return compile_graph(graph, target, num_threads)

@@ -2,7 +2,8 @@
 
 `export(model, OUT, target=..., emit="so"|"obj")` writes
 - `model.so` (or the relocatable `model.o`): the generated code and the C runtime
-  (`runtime/lowbit_runtime.c`) compiled for the target; depends on libc and libm only;
+  (`runtime/lowbit_runtime.c`) compiled for the target; depends on libc, libm and (a model compiled
+  for more than one thread) POSIX threads only;
 - `model.h`: the C interface (`runtime/lowbit_model.h` with this model's signature filled in);
 - `weights.bin`: a 64-byte header (magic, format version, header length, weights length, CRC-32,
   arena size) and the weights blob; the runtime verifies all of it at load;
@@ -85,7 +86,7 @@ class Toolchain:
         if emit == "so":
             (folder / "exports.map").write_text("{ global: %s; local: *; };\n" % "; ".join(exports))
             _run(self.cc, "-shared", "-o", str(folder / LIBRARY), str(kernels), str(runtime),
-                 f"-Wl,--version-script={folder / 'exports.map'}", "-Wl,-z,noexecstack", "-lm")
+                 f"-Wl,--version-script={folder / 'exports.map'}", "-Wl,-z,noexecstack", "-lm", "-pthread")
             return folder / LIBRARY
         _run(self.cc, "-r", "-nostdlib", "-o", str(folder / "combined.o"), str(kernels), str(runtime))
         # Only the C interface stays global, so the object links beside other code (`lowbit_run` and
@@ -102,16 +103,18 @@ def _run(*args: str) -> None:
 
 
 def export(model: Exportable, out: str | os.PathLike, *, target: str | Target | None = None,
-           emit: str = "so") -> Path:
+           emit: str = "so", num_threads: int | None = None) -> Path:
     """Write the artifact of `model` (a graph, `Program` or `CompiledModel`) for `target` to folder `out`.
 
-    `target` defaults to the model's own (a graph: the host); another target lowers the graph again.
-    `emit="so"` writes a shared library, `"obj"` a relocatable object to link into a program (with
-    -lm). Returns `out`.
+    `target` defaults to the model's own (a graph: the host), `num_threads` to the model's own (a graph:
+    1); another target or thread count lowers the graph again. `emit="so"` writes a shared library,
+    `"obj"` a relocatable object to link into a program (with -lm -pthread). Returns `out`.
     """
     if emit not in ("so", "obj"):
         raise LowbitError(f"emit must be 'so' or 'obj', got '{emit}'")
-    program = _program(model, target)
+    if num_threads is not None and num_threads < 1:
+        raise LowbitError(f"num_threads must be at least 1, got {num_threads}")
+    program = _program(model, target, num_threads)
     toolchain = Toolchain.for_target(program.target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def export(model: Exportable, out: str | os.PathLike, *, target: str | Target | 
     return out
 
 
-def _program(model: Exportable, target: str | Target | None) -> Program:
+def _program(model: Exportable, target: str | Target | None, num_threads: int | None) -> Program:
     if isinstance(model, CompiledModel):
         graph, program = model.graph, model.program
     elif isinstance(model, Program):
@@ -148,9 +151,11 @@ def _program(model: Exportable, target: str | Target | None) -> Program:
         raise LowbitError(f"export takes a Graph, Program or CompiledModel, got {type(model).__name__}")
     if isinstance(target, str):
         target = Target.parse(target)
-    if target is None:
-        return program if program is not None else Program(graph, Target.host())
-    return program if program is not None and program.target == target else Program(graph, target)
+    target = target or (program.target if program is not None else Target.host())
+    num_threads = num_threads or (program.num_threads if program is not None else 1)
+    if program is not None and program.target == target and program.num_threads == num_threads:
+        return program
+    return Program(graph, target, num_threads)
 
 
 def _weights_file(blob: bytes, checksum: int, arena_bytes: int) -> bytes:
@@ -182,7 +187,8 @@ def _description_source(program: Program, checksum: int) -> str:
     """`lowbit_model_desc.inc`: the tables and constants lowbit_runtime.c is compiled with."""
     lines = [f"#define WEIGHTS_BYTES ((uint64_t){program.weights_bytes}u)",
              f"#define WEIGHTS_CRC32 ((uint32_t)0x{checksum:08x}u)",
-             f"#define ARENA_BYTES ((uint64_t){program.arena_bytes}u)"]
+             f"#define ARENA_BYTES ((uint64_t){program.arena_bytes}u)",
+             f"#define USES_AMX {int(program.target.has('amx-tile'))}"]  # the runtime asks for tile state
     for kind, entries in _signature(program).items():
         rows = []
         for index, (name, value) in enumerate(entries):
@@ -212,6 +218,7 @@ def _describe(program: Program) -> str:
             shape = "[" + ", ".join(str(d) for d in value.type.shape) + "]"
             lines.append(f" *   {kind:<6} {index}  {_comment_safe(name):<{width}}  {value.type.dtype} {shape}")
     lines.append(f" *   working memory per run: {program.arena_bytes} bytes; weights: {program.weights_bytes} bytes")
+    lines.append(f" *   threads per run: {program.threads} (compiled for {program.num_threads})")
     return "\n".join(lines)
 
 
@@ -219,7 +226,8 @@ def _macros(program: Program) -> str:
     """Compile-time sizes for callers that allocate statically."""
     lines = [f"#define LOWBIT_MODEL_NUM_INPUTS {len(program.graph.inputs)}",
              f"#define LOWBIT_MODEL_NUM_OUTPUTS {len(program.graph.outputs)}",
-             f"#define LOWBIT_MODEL_ARENA_BYTES {program.arena_bytes}"]
+             f"#define LOWBIT_MODEL_ARENA_BYTES {program.arena_bytes}",
+             f"#define LOWBIT_MODEL_THREADS {program.threads}"]
     for kind, entries in _signature(program).items():
         for index, (_, value) in enumerate(entries):
             lines.append(f"#define LOWBIT_MODEL_{kind.upper()}{index}_BYTES {_storage_bytes(value)}")
@@ -256,6 +264,8 @@ def _manifest(program: Program, code: str, checksum: int) -> dict:
         "weights": {"format_version": WEIGHTS_FORMAT_VERSION, "header_bytes": WEIGHTS_HEADER_BYTES,
                     "bytes": program.weights_bytes, "crc32": f"{checksum:08x}"},
         "arena_bytes": program.arena_bytes,
+        "num_threads": program.num_threads,
+        "threads": program.threads,
         "inputs": [_tensor_entry(name, value) for name, value in signature["input"]],
         "outputs": [_tensor_entry(name, value) for name, value in signature["output"]],
     }

@@ -1,5 +1,6 @@
 """The on-disk cache of compiled models: object code, weights blob and arena size, keyed by a hash of
-the graph, the target and lowbit's own code generator (so an edited kernel never reuses stale code).
+the graph, the target, the threads a run uses (per-thread scratch and the team are compiled in) and
+lowbit's own code generator (so an edited kernel never reuses stale code).
 
 The folder is `$LOWBIT_CACHE_DIR`, else `~/.cache/lowbit`; `LOWBIT_CACHE_DIR=off` turns the cache off.
 Entries are written to a temporary name and renamed, so concurrent compiles never see half a file.
@@ -13,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 import lowbit
 from lowbit.ir import Graph
@@ -34,20 +37,22 @@ def cache_dir() -> Path | None:
 
 @lru_cache(maxsize=None)
 def _generator_digest() -> str:
-    """A hash of the source of everything that generates code, so edits invalidate old entries."""
+    """A hash of the source of everything that generates code, so edits invalidate old entries; the
+    reference interpreter and numpy's version too, as lookup tables hold what they compute."""
     import lowbit.backends.native as native
+    import lowbit.backends.reference as reference
     import lowbit.kernels as kernels
 
-    digest = hashlib.sha256(lowbit.__version__.encode())
-    for package in (kernels, native):
+    digest = hashlib.sha256(f"{lowbit.__version__}|numpy {np.__version__}".encode())
+    for package in (kernels, native, reference):
         for path in sorted(Path(package.__file__).parent.rglob("*.py")):
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
-def cache_key(graph: Graph, target) -> str:
+def cache_key(graph: Graph, target, threads: int = 1) -> str:
     digest = hashlib.sha256(_generator_digest().encode())
-    digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}".encode())
+    digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}|threads={threads}".encode())
     from lowbit.backends.native.sparse_selection import tuning_fingerprint  # (imports the lowerings)
     digest.update(tuning_fingerprint())  # measured sparse/dense constants change kernel choices
     # The summary text names every large constant by a hash of its bytes; hash them fully here.

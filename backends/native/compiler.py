@@ -1,7 +1,15 @@
 """Graph → one LLVM module with `lowbit_run(inputs, outputs, arena, weights)` calling every kernel,
-compiled in-process (JIT) and run with numpy arrays."""
+compiled in-process (JIT) and run with numpy arrays.
+
+With `num_threads` N > 1 a run is a team of N threads (`kernels.parallel`): the calling thread and N − 1
+started for the run. Parallel calls run on all of them, each its share of the kernel's outputs; other
+calls on the calling thread; a barrier separates calls unless both sides run on one thread. Starting
+threads costs tens of µs per run, so a model with less than `PARALLEL_MIN_MACS` multiply-accumulates in
+its products is compiled single-threaded whatever N is (`CompiledModel.threads` says what a run uses).
+"""
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -20,20 +28,27 @@ from lowbit.backends.reference import check_feeds
 from lowbit.errors import LowbitError
 from lowbit.ir import Graph, verify
 from lowbit.kernels.copy import copy_kernel
-from lowbit.kernels.llvm import FFI, JitModule, emit_object, new_module
+from lowbit.kernels.llvm import FFI, I32, JitModule, emit_object, new_module
+from lowbit.kernels.packing import aligned_empty
+from lowbit.kernels.parallel import emit_barrier, emit_team_entry
 
 RUN = "lowbit_run"
+# Below this many multiply-accumulates in a model's products, starting threads for every run (≈ 10-30 µs)
+# costs more than sharing the work saves.
+PARALLEL_MIN_MACS = 4_000_000
 
 
 class Program:
     """A lowered graph: kernel calls over planned buffers, the weights blob and the LLVM module."""
 
-    def __init__(self, graph: Graph, target: Target) -> None:
+    def __init__(self, graph: Graph, target: Target, num_threads: int = 1) -> None:
         verify(graph)
         self.graph = graph
         self.target = target
+        self.num_threads = num_threads
+        self.threads = team_size(graph, num_threads)
         self.module = new_module(graph.name, target)
-        ctx = LowerContext(self.module, target, graph)
+        ctx = LowerContext(self.module, target, graph, self.threads)
         for index, value in enumerate(graph.inputs):
             ctx.bind(value, Buffer("input", value.type.nbytes, index, value.name))
         outputs = [Buffer("output", v.type.nbytes, i, n) for i, (n, v) in
@@ -57,12 +72,18 @@ class Program:
         self._emit_run()
 
     def _emit_run(self) -> None:
+        """`lowbit_run(inputs, outputs, arena, weights)`: the team entry around one body that every
+        thread of a run executes (`kernels.parallel.emit_team_entry`)."""
         pointer_array = BYTE_PTR.as_pointer()
-        function = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [pointer_array, pointer_array,
-                                                                            BYTE_PTR, BYTE_PTR]), RUN)
-        inputs, outputs, arena, weights = function.args
-        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        body = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [pointer_array, I32, I32, BYTE_PTR]),
+                           f"{RUN}.body")
+        body.linkage = "internal"
+        args, thread, threads, team = body.args
+        builder = ir.IRBuilder(body.append_basic_block("entry"))
+        inputs, outputs, arena, weights = (builder.load(builder.gep(args, [ir.Constant(I32, i)])) for i in range(4))
+        inputs, outputs = builder.bitcast(inputs, pointer_array), builder.bitcast(outputs, pointer_array)
         i64 = ir.IntType(64)
+        barrier = emit_barrier(self.module, self.target.arch) if self.threads > 1 else None
 
         def pointer(buffer: Buffer) -> ir.Value:
             if buffer.kind in ("input", "output"):
@@ -71,9 +92,55 @@ class Program:
             base = arena if buffer.kind == "arena" else weights
             return builder.gep(base, [ir.Constant(i64, buffer.offset)])
 
-        for call in self.calls:
-            builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers])
+        first_thread = builder.icmp_unsigned("==", thread, ir.Constant(I32, 0))
+        for position, (serial, group) in enumerate(_runs(self.calls)):
+            if position and barrier is not None:  # runs alternate: one side of this border is parallel
+                builder.call(barrier, [team, threads])
+            if serial:
+                with builder.if_then(first_thread):
+                    for call in group:
+                        builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers])
+                continue
+            for index, call in enumerate(group):
+                if index and barrier is not None:
+                    builder.call(barrier, [team, threads])
+                builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers] + [
+                    thread, threads])
         builder.ret_void()
+        emit_team_entry(self.module, RUN, [pointer_array, pointer_array, BYTE_PTR, BYTE_PTR], body, self.threads,
+                        self.target.arch)
+
+
+def _runs(calls: list[Call]) -> list[tuple[bool, list[Call]]]:
+    """The calls as maximal runs of serial or of parallel calls: (serial, calls)."""
+    runs: list[tuple[bool, list[Call]]] = []
+    for call in calls:
+        if runs and runs[-1][0] == (not call.parallel):
+            runs[-1][1].append(call)
+        else:
+            runs.append((not call.parallel, [call]))
+    return runs
+
+
+def product_macs(graph: Graph) -> int:
+    """Multiply-accumulates of the graph's products (convolutions, linear layers, matmuls): the work that
+    parallel kernels share."""
+    total = 0
+    for node in graph.nodes:
+        out = node.outputs[0].type
+        if node.op in ("conv2d", "qconv2d"):
+            total += out.size * math.prod(node.inputs[1].type.shape[1:])
+        elif node.op == "conv_transpose2d":
+            total += node.inputs[0].type.size * math.prod(node.inputs[1].type.shape[1:])
+        elif node.op in ("linear", "qlinear", "dynamic_linear", "matmul", "qmatmul", "dynamic_matmul"):
+            total += out.size * node.inputs[0].type.shape[-1]
+    return total
+
+
+def team_size(graph: Graph, num_threads: int) -> int:
+    """Threads a run of `graph` uses when compiled for `num_threads`: 1 when its parallel work is too small
+    to pay for starting threads (`PARALLEL_MIN_MACS`)."""
+    return num_threads if num_threads > 1 and product_macs(graph) >= PARALLEL_MIN_MACS else 1
 
 
 class CompiledModel:
@@ -84,8 +151,9 @@ class CompiledModel:
         self.graph = graph
         self.target = target
         self.num_threads = num_threads
+        self.threads = team_size(graph, num_threads)  # what a run uses (see `team_size`)
         self._program: Program | None = None
-        key = cache_key(graph, target) if cache else None
+        key = cache_key(graph, target, self.threads) if cache else None
         entry = load_entry(key) if key else None
         self.from_cache = entry is not None
         if entry is None:
@@ -96,7 +164,8 @@ class CompiledModel:
             if key:
                 store_entry(key, entry)
         self.arena_bytes = entry.arena_bytes
-        self.weights = np.frombuffer(entry.weights, np.uint8).copy() if entry.weights else np.zeros(1, np.uint8)
+        self.weights = aligned_empty(max(len(entry.weights), 1))  # kernels may assume 64-byte aligned panels
+        self.weights[:len(entry.weights)] = np.frombuffer(entry.weights, np.uint8)
         self._jit = JitModule.from_object(entry.code, target, Target.host())
         # cffi calls cost ≈ 1 µs against ≈ 8 µs for ctypes: it matters for small models run one sample at a time.
         self._run = self._jit.cffi_function(RUN, "void(*)(void **, void **, void *, void *)")
@@ -110,7 +179,7 @@ class CompiledModel:
     def program(self) -> Program:
         """The lowered graph (kernel calls, memory plan, LLVM module); rebuilt on demand after a cache hit."""
         if self._program is None:
-            self._program = Program(self.graph, self.target)
+            self._program = Program(self.graph, self.target, self.num_threads)
         return self._program
 
     @property
@@ -118,12 +187,14 @@ class CompiledModel:
         """Bytes of the arena that holds every intermediate value (inputs, outputs, weights apart)."""
         return self.arena_bytes
 
-    def export(self, out: str | os.PathLike, *, target: str | Target | None = None, emit: str = "so") -> Path:
+    def export(self, out: str | os.PathLike, *, target: str | Target | None = None, emit: str = "so",
+               num_threads: int | None = None) -> Path:
         """Write this model as an ahead-of-time artifact folder: model.so (emit="obj": model.o), model.h,
-        weights.bin, manifest.json; for this model's target unless `target` names another."""
+        weights.bin, manifest.json; for this model's target and threads unless `target` / `num_threads`
+        name others."""
         from lowbit.backends.native.aot import export  # aot builds on this module
 
-        return export(self, out, target=target, emit=emit)
+        return export(self, out, target=target, emit=emit, num_threads=num_threads)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = self._exact_feeds(feeds)
@@ -160,7 +231,7 @@ class _RunSlots:
     """A calling thread's arena and the pointer tables the generated `lowbit_run` reads."""
 
     def __init__(self, arena_bytes: int, inputs: int, outputs: int) -> None:
-        self.arena_memory = np.empty(max(arena_bytes, 1), np.uint8)
+        self.arena_memory = aligned_empty(max(arena_bytes, 1))  # the memory plan aligns buffers to 64 bytes
         self.arena = FFI.from_buffer(self.arena_memory)
         self.inputs = FFI.new("void *[]", max(inputs, 1))
         self.outputs = FFI.new("void *[]", max(outputs, 1))

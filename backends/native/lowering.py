@@ -15,6 +15,7 @@ from llvmlite import ir
 from lowbit.errors import UnsupportedOpError
 from lowbit.ir import Graph, Node, Value, constant_value
 from lowbit.ir.tables import OpTable
+from lowbit.kernels.parallel import thread_stride
 
 Lowering = Callable[["LowerContext", Node], None]
 LOWERINGS: OpTable[Lowering] = OpTable("native lowering")
@@ -36,9 +37,12 @@ class Buffer:
 
 @dataclass
 class Call:
+    """A kernel call; a `parallel` one runs on every thread of the team with (thread, threads) appended."""
+
     function: str
     buffers: list[Buffer]
     node: str
+    parallel: bool = False
 
 
 @dataclass
@@ -48,30 +52,33 @@ class LowerContext:
     module: ir.Module
     target: object
     graph: Graph
+    num_threads: int = 1  # threads a run uses: per-thread scratch holds this many parts
     calls: list[Call] = field(default_factory=list)
     weights: list[tuple[Buffer, np.ndarray]] = field(default_factory=list)
-    _buffers: dict[int, Buffer] = field(default_factory=dict)
-    _aliases: dict[int, int] = field(default_factory=dict)
+    # Keyed by the values themselves (identity), not id(): a value a lowering makes up (float_width's
+    # float32 stand-ins) stays alive with its entry, so its id never passes to another value.
+    _buffers: dict[Value, Buffer] = field(default_factory=dict)
+    _aliases: dict[Value, Value] = field(default_factory=dict)
     _functions: dict[Hashable, ir.Function] = field(default_factory=dict)
-    _constants: dict[int, Buffer] = field(default_factory=dict)
+    _constants: dict[Hashable, Buffer] = field(default_factory=dict)
     _node: Node | None = None
 
     # -- buffers ----------------------------------------------------------------------------------
     def buffer(self, value: Value) -> Buffer:
         """Where `value` lives: an input or output slot, the weights blob (constants) or the arena."""
-        key = self._aliases.get(id(value), id(value))
+        key = self._aliases.get(value, value)
         if key in self._buffers:
             return self._buffers[key]
         data = constant_value(value)
         if data is not None:
-            return self.constant(data, value.name or "constant", key=id(value))
+            return self.constant(data, value.name or "constant", key=value)
         buffer = Buffer("arena", value.type.nbytes if value.type.dtype.bits >= 8 else value.type.size,
                         label=value.name or "")
         self._buffers[key] = buffer
         return buffer
 
     def bind(self, value: Value, buffer: Buffer) -> None:
-        self._buffers[id(value)] = buffer
+        self._buffers[value] = buffer
 
     def operand(self, index: int) -> Buffer:
         return self.buffer(self._node.inputs[index])
@@ -90,13 +97,16 @@ class LowerContext:
             self._constants[key] = buffer
         return buffer
 
-    def scratch(self, nbytes: int, label: str = "scratch") -> Buffer:
-        """Temporary memory that lives only during the current node's calls."""
+    def scratch(self, nbytes: int, label: str = "scratch", per_thread: bool = False) -> Buffer:
+        """Temporary memory that lives only during the current node's calls. `per_thread`: nbytes for each
+        thread of a parallel kernel, `kernels.parallel.thread_stride(nbytes)` bytes apart."""
+        if per_thread:
+            return Buffer("arena", thread_stride(nbytes) * self.num_threads, label=label)
         return Buffer("arena", max(int(nbytes), 1), label=label)
 
     def alias(self, result: Value, operand: Value) -> None:
         """`result` shares `operand`'s memory (a reshape): no call, no copy."""
-        self._aliases[id(result)] = self._aliases.get(id(operand), id(operand))
+        self._aliases[result] = self._aliases.get(operand, operand)
 
     # -- functions and calls ----------------------------------------------------------------------
     def kernel(self, key: Hashable, build: Callable[[ir.Module, str], ir.Function]) -> ir.Function:
@@ -106,10 +116,14 @@ class LowerContext:
             self._functions[key] = build(self.module, name)
         return self._functions[key]
 
-    def call(self, function: ir.Function, buffers: list[Buffer]) -> None:
-        if len(function.args) != len(buffers):
-            raise ValueError(f"kernel {function.name} takes {len(function.args)} buffers, got {len(buffers)}")
-        self.calls.append(Call(function.name, list(buffers), self._node.describe() if self._node else ""))
+    def call(self, function: ir.Function, buffers: list[Buffer], parallel: bool = False) -> None:
+        """Record a call of `function` on `buffers`; `parallel`: the kernel takes (thread, threads) after
+        them and every thread runs its share (`kernels.parallel`)."""
+        expected = len(function.args) - (2 if parallel else 0)
+        if expected != len(buffers):
+            raise ValueError(f"kernel {function.name} takes {expected} buffers, got {len(buffers)}")
+        self.calls.append(Call(function.name, list(buffers), self._node.describe() if self._node else "",
+                               parallel))
 
 
 def lower_node(ctx: LowerContext, node: Node) -> None:

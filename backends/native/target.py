@@ -14,7 +14,7 @@ from lowbit.kernels.llvm import host_cpu
 
 # The features kernels select instruction routes by; every name is also LLVM's feature name.
 FEATURES = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
-                      "neon", "dotprod", "i8mm"})
+                      "amx-tile", "amx-int8", "neon", "dotprod", "i8mm"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,8 @@ NAMED_TARGETS: dict[str, Target] = {target.name: target for target in (
     _named("x86_64-avx512vnni", _X86, "cascadelake",
            "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     _named("x86_64-avxvnni", _X86, "alderlake", "avx2", "fma", "avxvnni"),
+    _named("x86_64-amx", _X86, "sapphirerapids",
+           "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni", "amx-tile", "amx-int8"),
     _named("aarch64", _ARM, "cortex-a53", "neon"),
     _named("aarch64-dotprod", _ARM, "neoverse-n1", "neon", "dotprod"),
 )}

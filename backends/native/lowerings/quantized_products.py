@@ -6,10 +6,16 @@ Route choice, per node:
   constant weights minus their zero points still fit int8, and the static accumulator bound is below
   2^31 (int32 lanes, exact modulo 2^32). Zero-point and flip terms are folded into compile-time
   per-channel offsets, or for two run-time operands into row and column sums computed before the tiles.
+  On targets with AMX, qlinear and qconv2d under the same conditions take AMX tiles instead
+  (`kernels.gemm_amx`, `kernels.qconv_amx`) when the product has at least 16 rows (output channels per
+  group) and 16 columns (`gemm_amx.worth`); smaller ones stay on VNNI. Convolutions with a tiny reduction
+  (Cin/group·kh·kw ≤ 32) take `kernels.qconv_small` on VNNI targets, AMX or not: tiles would waste most
+  of each K step.
 * depthwise convolutions run directly (`kernels.qconv`), in int32 or int64 lanes by the bound.
 * everything else (16-bit activations, deep int64 accumulators, weights that do not centre into int8,
   dynamic_matmul) takes the exact wide route (`kernels.gemm_wide`, int64 lanes).
-The epilogue requantizes (or scales, for dynamic quantization) straight from the accumulators.
+The epilogue requantizes (or scales, for dynamic quantization) straight from the accumulators; qconv2d's
+with `kernels.fast_requant` (even/odd int64 lanes) where the accumulator bounds make that exact.
 """
 from __future__ import annotations
 
@@ -23,14 +29,18 @@ from lowbit.backends.native.lowerings.quantized import requant_of
 from lowbit.backends.native.sparse_selection import lower_sparse_qlinear
 from lowbit.errors import ShapeError, UnsupportedOpError
 from lowbit.ir import DType, Node, constant_value, quant_math
+from lowbit.kernels import gemm_amx, qconv_amx, qconv_small
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.gemm_int8 import (GemmPlan, TileEmitter, activation_shift, choose_route, emit_pack_a,
-                                      emit_pack_b_panel, emit_panels, emit_plan_pack_a, plan_gemm, runtime_route,
-                                      weight_shift)
+                                      emit_pack_b_panel, emit_plan_pack_a, emit_shared_panels, plan_gemm,
+                                      runtime_route, weight_shift)
+from lowbit.kernels.fast_requant import PairedEpilogue
 from lowbit.kernels.gemm_wide import Side, emit_wide_gemm
 from lowbit.kernels.llvm import F32, I8, I32, I64
 from lowbit.kernels.movement import loop_nest, new_kernel
 from lowbit.kernels.packing import column_panels, column_sums
+from lowbit.kernels.gemm_f32 import batch_offset
+from lowbit.kernels.parallel import chunk_bounds, for_units, new_parallel_kernel, share, split_rows, thread_scratch
 from lowbit.kernels.qconv import (ConvShape, FastConv, depthwise_scratch_bytes, emit_depthwise, emit_fast_conv,
                                   emit_wide_conv, pack_weight_rows, wide_scratch_bytes)
 from lowbit.kernels.reduce import reduce_row
@@ -120,19 +130,56 @@ def _linear_plan(ctx: LowerContext, node: Node, centred: np.ndarray, offset: np.
         return None
 
 
-def _emit_linear(module: ir.Module, name: str, plan: GemmPlan, rows: int, epilogue, operands: int) -> ir.Function:
-    """`name(x, w, [residual], out, scratch)`: the int8 GEMM of plan over `rows` rows into `epilogue`
-    (arguments out, [residual], channel0 = 0)."""
-    fn, builder = new_kernel(module, name, operands)
-    x, w, *rest, scratch = fn.args
-    a, lda = x, ir.Constant(I64, plan.k)
+def _emit_linear(module: ir.Module, name: str, plan: GemmPlan, rows: int, epilogue, operands: int,
+                 threads: int) -> ir.Function:
+    """`name(x, w, [residual], out, scratch, thread, threads)`: the int8 GEMM of plan over `rows` rows into
+    `epilogue` (arguments out, [residual], channel0 = 0); threads share (panel, row chunk) units, each
+    packing A (when the plan does) into its part of the per-thread scratch."""
+    fn, builder, thread, count = new_parallel_kernel(module, name, operands)
+    x, w, *rest, scratch = fn.args[:operands]
+    a, lda, prepare = x, ir.Constant(I64, plan.k), None
     if plan.packs_a:
-        builder.call(emit_plan_pack_a(module, f"{name}.pack_a", plan), [x, lda, ir.Constant(I64, rows), scratch])
-        a, lda = scratch, ir.Constant(I64, plan.packed_row_bytes)
+        own = thread_scratch(builder, scratch, thread, rows * plan.packed_row_bytes)
+        pack = emit_plan_pack_a(module, f"{name}.pack_a", plan)
+        prepare = lambda bld, _: bld.call(  # noqa: E731
+            pack, [x, ir.Constant(I64, plan.k), ir.Constant(I64, rows), own])
+        a, lda = own, ir.Constant(I64, plan.packed_row_bytes)
     tiles = TileEmitter(module, name, plan.route, plan.groups, plan.mr, epilogue, aligned=False)
-    emit_panels(builder, tiles, plan, a, lda, ir.Constant(I64, rows), w, [rest[-1], *rest[:-1], ir.Constant(I64, 0)])
+    chunk = split_rows(rows, plan.mr, len(plan.weights.panels), threads)
+    emit_shared_panels(builder, tiles, plan, a, lda, rows, w, [rest[-1], *rest[:-1], ir.Constant(I64, 0)], thread,
+                       count, chunk, prepare)
     builder.ret_void()
     return fn
+
+
+def _lower_amx_linear(ctx: LowerContext, node: Node, centred: np.ndarray, offset: np.ndarray, rows: int,
+                      extra: list[Buffer]) -> bool:
+    """qlinear on AMX tiles (`kernels.gemm_amx`) when the target has them and the product fills them; threads
+    split the column blocks. False when the route does not apply."""
+    x = node.inputs[0].type
+    n, k = centred.shape
+    if x.dtype not in EIGHT_BIT or not _int8_ok(centred) or not gemm_amx.worth(ctx.target, rows, n):
+        return False
+    plan = gemm_amx.plan_amx(np.ascontiguousarray(centred.T).astype(np.int8), x.dtype)
+    requant, residual = requant_of(node), _residual(node)
+    scratch_bytes = rows * plan.packed_row_bytes if plan.packs_a else 1
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder, thread, threads = new_parallel_kernel(module, name, 4 + len(extra))
+        xs, w, *rest, scratch = fn.args[:4 + len(extra)]
+        epilogue = ProductEpilogue(module, name, gemm_amx.TILE, n, "col", requant, Corrections(_wrap32(offset)),
+                                   residual)
+        blocks = -(-n // (gemm_amx.BLOCK * gemm_amx.TILE))
+        gemm_amx.emit_amx_linear(builder, plan, name, xs, ir.Constant(I64, k), ir.Constant(I64, rows),
+                                 thread_scratch(builder, scratch, thread, scratch_bytes), w, epilogue,
+                                 [rest[-1], *rest[:-1], ir.Constant(I64, 0)], share(builder, thread, threads, blocks))
+        builder.ret_void()
+        return fn
+
+    key = ("qlinear.amx", rows, k, n, x.dtype, _wrap32(offset), requant, residual)
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(plan.data, "qlinear weights"), *extra,
+                                      ctx.result(0), ctx.scratch(scratch_bytes, per_thread=True)], parallel=True)
+    return True
 
 
 @lowering("qlinear")
@@ -143,18 +190,21 @@ def lower_qlinear(ctx: LowerContext, node: Node) -> None:
     centred, bias, residual = _centred_weights(node), _bias(node, n), _residual(node)
     requant, zx = requant_of(node), x.quant.zero_point[0]
     bound = _bound(node, k, bias)
-    if bound < INT32_LIMIT and lower_sparse_qlinear(ctx, node, centred, bias, requant, residual, _wrap32(bias)):
+    if bound < INT32_LIMIT and lower_sparse_qlinear(ctx, node, centred, bias, requant, residual):
+        return
+    extra = [ctx.operand(3)] if residual else []
+    if bound < INT32_LIMIT and _lower_amx_linear(ctx, node, centred, bias - zx * centred.sum(axis=1), rows, extra):
         return
     plan = _linear_plan(ctx, node, centred, bias - zx * centred.sum(axis=1)) if bound < INT32_LIMIT else None
-    extra = [ctx.operand(3)] if residual else []
     if plan is not None:
         lanes = plan.route.lanes
         key = ("qlinear", rows, k, n, x.dtype, plan.route.name, plan.mr, plan.offset.tobytes(), requant, residual)
         build = lambda module, name: _emit_linear(module, name, plan, rows, ProductEpilogue(  # noqa: E731
-            module, name, lanes, n, "col", requant, Corrections(_wrap32(plan.offset[:n])), residual), 4 + len(extra))
-        scratch = ctx.scratch(rows * plan.packed_row_bytes if plan.packs_a else 1)
-        _call(ctx, key, build, [ctx.operand(0), ctx.constant(plan.weights.data, "qlinear weights"), *extra,
-                                ctx.result(0), scratch])
+            module, name, lanes, n, "col", requant, Corrections(_wrap32(plan.offset[:n])), residual), 4 + len(extra),
+            ctx.num_threads)
+        scratch = ctx.scratch(rows * plan.packed_row_bytes if plan.packs_a else 1, per_thread=True)
+        ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(plan.weights.data, "qlinear weights"), *extra,
+                                          ctx.result(0), scratch], parallel=True)
         return
     weights = np.ascontiguousarray(centred.T).astype(np.int32)
     lanes = _lanes(ctx)
@@ -189,10 +239,13 @@ def lower_qconv2d(ctx: LowerContext, node: Node) -> None:
     bound = _bound(node, shape.reduction, bias)
     extra = [ctx.operand(3)] if residual else []
     out_bytes, vector_bytes = _out_bytes(node), ctx.target.vector_bytes
+    # |int32 accumulators| before their offsets on the 8-bit routes: K products of (possibly flipped or
+    # centred) 8-bit activations, at most 255, and centred int8 weights
+    raw_bound = shape.reduction * 255 * 128 if shape.dtype in EIGHT_BIT else None
 
     def epilogue(module: ir.Module, name: str, lanes: int, offsets: np.ndarray) -> ProductEpilogue:
-        return ProductEpilogue(module, name, lanes, shape.pixels, "row", requant, Corrections(_wrap32(offsets)),
-                               residual)
+        return PairedEpilogue(module, name, lanes, shape.pixels, "row", requant, Corrections(_wrap32(offsets)),
+                              residual, bound, raw_bound)
 
     residual_dtype = residual[0] if residual else None
     if shape.depthwise:
@@ -202,6 +255,28 @@ def lower_qconv2d(ctx: LowerContext, node: Node) -> None:
             module, name, shape, lanes, wide, epilogue(module, name, lanes, bias), out_bytes, residual_dtype,
             vector_bytes)
         weights, scratch = centred.astype(np.int32), depthwise_scratch_bytes(shape, lanes)
+    elif _int8_ok(centred) and bound < INT32_LIMIT and qconv_small.applies(ctx.target, shape):
+        small = qconv_small.SmallConv(shape, qconv_small.route_for(ctx.target))
+        offsets = bias - (shape.zero_point + small.shift) * centred.sum(axis=1)
+        key = ("qconv.small", small, tuple(offsets.tolist()), requant, residual)
+        build = lambda module, name: qconv_small.emit_small_conv(  # noqa: E731
+            module, name, small, PairedEpilogue(module, name, small.route.lanes, shape.pixels, "row", requant,
+                                                residual=residual, bound=bound), out_bytes, residual_dtype,
+            vector_bytes)
+        weights, scratch = qconv_small.pack_quads(centred, offsets, small), small.scratch_bytes
+    elif shape.dtype in EIGHT_BIT and _int8_ok(centred) and bound < INT32_LIMIT \
+            and gemm_amx.worth(ctx.target, shape.mg, shape.pixels):
+        conv = qconv_amx.AmxConv(shape)
+        offsets = bias - shape.zero_point * centred.sum(axis=1)
+        key = ("qconv.amx", shape, tuple(offsets.tolist()), requant, residual)
+        build = lambda module, name: qconv_amx.emit_amx_conv(  # noqa: E731
+            module, name, conv, epilogue(module, name, gemm_amx.TILE, offsets), out_bytes, residual_dtype,
+            vector_bytes, ctx.num_threads)
+        ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(qconv_amx.pack_conv_weights(centred, conv),
+                                                                       "qconv2d weights"),
+                                          *extra, ctx.result(0), ctx.scratch(conv.scratch_bytes, per_thread=True)],
+                 parallel=True)
+        return
     elif shape.dtype in EIGHT_BIT and _int8_ok(centred) and bound < INT32_LIMIT:
         route = choose_route(ctx.target, np.ascontiguousarray(centred.T).astype(np.int8), _guarantee_7bit(node))
         mr, vectors = route.tile(ctx.target)
@@ -209,16 +284,18 @@ def lower_qconv2d(ctx: LowerContext, node: Node) -> None:
         offsets = bias - (shape.zero_point + conv.shift) * centred.sum(axis=1)
         key = ("qconv", conv, tuple(offsets.tolist()), requant, residual)
         build = lambda module, name: emit_fast_conv(  # noqa: E731
-            module, name, conv, epilogue(module, name, route.lanes, offsets), out_bytes, residual_dtype, vector_bytes)
+            module, name, conv, epilogue(module, name, route.lanes, offsets), out_bytes, residual_dtype, vector_bytes,
+            ctx.num_threads)
         weights, scratch = pack_weight_rows(centred, route), conv.scratch_bytes
     else:
         lanes = _lanes(ctx)
         key = ("qconv.wide", shape, lanes, tuple(bias.tolist()), requant, residual)
         build = lambda module, name: emit_wide_conv(  # noqa: E731
-            module, name, shape, lanes, epilogue(module, name, lanes, bias), out_bytes, residual_dtype, vector_bytes)
+            module, name, shape, lanes, epilogue(module, name, lanes, bias), out_bytes, residual_dtype, vector_bytes,
+            ctx.num_threads)
         weights, scratch = centred.astype(np.int32), wide_scratch_bytes(shape)
-    _call(ctx, key, build, [ctx.operand(0), ctx.constant(weights, "qconv2d weights"), *extra, ctx.result(0),
-                            ctx.scratch(scratch)])
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(weights, "qconv2d weights"), *extra,
+                                      ctx.result(0), ctx.scratch(scratch, per_thread=True)], parallel=True)
 
 
 # -- qmatmul ---------------------------------------------------------------------------------------------
@@ -314,10 +391,17 @@ def _matmul_fast(ctx: LowerContext, node: Node) -> None:
     sizes = [m * row_bytes if packs_a else 0, groups * width * route.group_bytes, 4 * m + 64, 4 * n + 256]
     starts = np.cumsum([0] + [-(-size // 64) * 64 for size in sizes]).tolist()
 
+    batch, strides = _batch(node)
+    full = sum(p.valid == width for p in panels)  # all but an edge panel
+    chunk = split_rows(m, mr, math.prod(batch) * len(panels), ctx.num_threads)
+
     def build(module: ir.Module, name: str) -> ir.Function:
-        fn, builder = new_kernel(module, name, 4)
-        a_ptr, b_ptr, out, scratch = fn.args
-        packed_a, panel, rows, cols = (builder.gep(scratch, [ir.Constant(I64, start)]) for start in starts[:4])
+        """Threads share units (batch index, column panel, row chunk), each packing A, the sums and B's
+        panels of its units into its own scratch."""
+        fn, builder, thread, threads = new_parallel_kernel(module, name, 4)
+        a_ptr, b_ptr, out, scratch = fn.args[:4]
+        own = thread_scratch(builder, scratch, thread, starts[-1])
+        packed_a, panel, rows, cols = (builder.gep(own, [ir.Constant(I64, start)]) for start in starts[:4])
         rows, cols = builder.bitcast(rows, I32.as_pointer()), builder.bitcast(cols, I32.as_pointer())
         epilogue = ProductEpilogue(module, name, route.lanes, n, "col", requant, corrections)
         tiles = TileEmitter(module, name, route, groups, mr, epilogue, aligned=False)
@@ -327,31 +411,58 @@ def _matmul_fast(ctx: LowerContext, node: Node) -> None:
                                            shape[1], shape[0] * route.lanes)
                   for shape in {(p.vectors, p.valid) for p in panels}}
 
-        def one(bld: ir.IRBuilder, pointers: list[ir.Value]) -> None:
-            a_t, b_t, out_t = pointers
-            lhs, lda = a_t, ir.Constant(I64, k)
+        lhs, lda = (packed_a, ir.Constant(I64, row_bytes)) if pack is not None else (None, ir.Constant(I64, k))
+        sums = ([cols] if need_cols else []) + ([rows] if need_rows else [])
+
+        def at(bld: ir.IRBuilder, index: ir.Value) -> list[ir.Value]:
+            """a, b and out of batch index `index`."""
+            return [bld.gep(p, [batch_offset(bld, index, batch, s)]) for p, s in zip((a_ptr, b_ptr, out), strides)]
+
+        def prepare(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
+            a_t, b_t, _ = at(bld, indices[0])
             if pack is not None:
-                bld.call(pack, [a_t, lda, ir.Constant(I64, m), packed_a])
-                lhs, lda = packed_a, ir.Constant(I64, row_bytes)
-            sums = []
+                bld.call(pack, [a_t, ir.Constant(I64, k), ir.Constant(I64, m), packed_a])
             if need_cols:
                 _column_sums(bld, ctx.target, b_t, b.dtype.is_signed, k, n, -int(big_za), cols)
-                sums.append(cols)
             if need_rows:
                 _row_sums(bld, ctx.target, a_t, a.dtype.is_signed, m, k, -int(big_zb[0]) if uniform_zb else 1, rows)
-                sums.append(rows)
-            for p in panels:
-                bld.call(pack_b[(p.vectors, p.valid)], [bld.gep(b_t, [ir.Constant(I64, p.start)]),
-                                                          ir.Constant(I64, n), panel])
-                tiles.run_panel(bld, lhs, lda, ir.Constant(I64, m), panel, ir.Constant(I64, p.start), p.vectors,
-                                p.valid, [out_t, ir.Constant(I64, 0), *sums])
 
-        _over_batch(builder, node, [a_ptr, b_ptr, out], one)
+        def by_panel(bld: ir.IRBuilder, index: ir.Value, visit) -> None:
+            """visit(builder, panel shape, its first column) for panel number `index`."""
+            edge = panels[-1]
+            if full == len(panels):
+                visit(bld, panels[0], bld.mul(index, ir.Constant(I64, width)))
+                return
+            if full == 0:
+                visit(bld, edge, ir.Constant(I64, edge.start))
+                return
+            with bld.if_else(bld.icmp_unsigned("<", index, ir.Constant(I64, full))) as (whole, last):
+                with whole:
+                    visit(bld, panels[0], bld.mul(index, ir.Constant(I64, width)))
+                with last:
+                    visit(bld, edge, ir.Constant(I64, edge.start))
+
+        def pack_panel(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
+            b_t = at(bld, indices[0])[1]
+            by_panel(bld, indices[1], lambda b2, p, column: b2.call(pack_b[(p.vectors, p.valid)], [
+                b2.gep(b_t, [column]), ir.Constant(I64, n), panel]))
+
+        def unit(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
+            index, panel_index, part = indices
+            a_t, _, out_t = at(bld, index)
+            first, count = chunk_bounds(bld, part, chunk, m)
+            by_panel(bld, panel_index, lambda b2, p, column: tiles.run_panel(
+                b2, a_t if lhs is None else lhs, lda, count, panel, column, p.vectors, p.valid,
+                [out_t, ir.Constant(I64, 0), *sums], first))
+
+        for_units(builder, thread, threads, [math.prod(batch), len(panels), -(-m // chunk)], "unit", unit,
+                  {0: prepare, 1: pack_panel})
         builder.ret_void()
         return fn
 
     key = ("qmatmul", a.shape, b.shape, a.dtype, b.dtype, za, tuple(zb.tolist()), requant, route.name)
-    _call(ctx, key, build, [ctx.operand(0), ctx.operand(1), ctx.result(0), ctx.scratch(starts[-1])])
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.operand(1), ctx.result(0),
+                                      ctx.scratch(starts[-1], per_thread=True)], parallel=True)
 
 
 def _matmul_wide(ctx: LowerContext, node: Node) -> None:
@@ -420,9 +531,12 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
     sums = column_sums(centred.T)
 
     def build(module: ir.Module, name: str) -> ir.Function:
-        fn, builder = new_kernel(module, name, 4 + has_bias)
-        xs, w, *rest, scratch = fn.args
-        q, packed, corrections, factors = (builder.gep(scratch, [ir.Constant(I64, s)]) for s in starts[:4])
+        """Every thread quantizes x (and packs it) into its own scratch; threads share the int8 route's
+        (panel, row chunk) units; the wide route runs on thread 0."""
+        fn, builder, thread, threads = new_parallel_kernel(module, name, 4 + has_bias)
+        xs, w, *rest, scratch = fn.args[:4 + has_bias]
+        own = thread_scratch(builder, scratch, thread, starts[-1])
+        q, packed, corrections, factors = (builder.gep(own, [ir.Constant(I64, s)]) for s in starts[:4])
         scale, zero_point = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(xs, F32.as_pointer()), count, q)
         corrections = builder.bitcast(corrections, I32.as_pointer())
         factors_f = builder.bitcast(factors, F32.as_pointer())
@@ -446,13 +560,14 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
                 builder.call(emit_plan_pack_a(module, f"{name}.pack_a", plan), [q, lda, ir.Constant(I64, rows), packed])
                 a, lda = packed, ir.Constant(I64, plan.packed_row_bytes)
             tiles = TileEmitter(module, name, plan.route, plan.groups, plan.mr, epilogue, aligned=False)
-            emit_panels(builder, tiles, plan, a, lda, ir.Constant(I64, rows), w,
-                        [*args, ir.Constant(I64, 0), corrections])
+            emit_shared_panels(builder, tiles, plan, a, lda, rows, w, [*args, ir.Constant(I64, 0), corrections], thread,
+                               threads, split_rows(rows, plan.mr, len(plan.weights.panels), ctx.num_threads))
         else:
             epilogue = FloatEpilogue(module, name, lanes, n, Corrections(), False, has_bias)
             lhs = Side(q, DType.u8, k, zero_point)
             rhs = Side(builder.bitcast(w, I32.as_pointer()), DType.i32, n, ir.Constant(I64, 0))
-            emit_wide_gemm(builder, rows, n, k, lhs, rhs, epilogue, [*args, ir.Constant(I64, 0)], lanes)
+            with builder.if_then(builder.icmp_unsigned("==", thread, ir.Constant(I32, 0))):
+                emit_wide_gemm(builder, rows, n, k, lhs, rhs, epilogue, [*args, ir.Constant(I64, 0)], lanes)
         builder.ret_void()
         return fn
 
@@ -464,7 +579,8 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
         weights = ctx.constant(np.ascontiguousarray(centred.T).astype(np.int32), "dynamic_linear weights")
         key = ("dynamic_linear.wide", x.shape, n, tuple(w_scales.tolist()), has_bias)
     bias = [ctx.operand(2)] if has_bias else []
-    _call(ctx, key, build, [ctx.operand(0), weights, *bias, ctx.result(0), ctx.scratch(starts[-1])])
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), weights, *bias, ctx.result(0),
+                                      ctx.scratch(starts[-1], per_thread=True)], parallel=True)
 
 
 @lowering("dynamic_matmul")

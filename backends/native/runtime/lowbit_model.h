@@ -1,7 +1,8 @@
 /* model.h -- the C interface of a model compiled ahead of time by lowbit.
  *
  * An artifact is three files: the code (model.so, or model.o to link into a program), this header,
- * and weights.bin (the model's constants). The code depends on libc and libm only: link with -lm.
+ * and weights.bin (the model's constants). The code depends on libc, libm and POSIX threads only:
+ * link with -lm -pthread.
  *
  *     char err[256];
  *     lowbit_model *m = lowbit_model_load("weights.bin", err, sizeof err);
@@ -15,6 +16,11 @@
  * byte each. Buffers need no particular alignment. A loaded model is immutable: any number of
  * threads may call lowbit_model_run on one model at the same time (each call has its own working
  * memory). Functions that take a model accept NULL and then fail as documented.
+ *
+ * A model compiled for N threads (LOWBIT_MODEL_THREADS) runs every call on the calling thread and
+ * N - 1 threads the call starts (pthread_create) and joins before it returns; results are the same
+ * bit for bit whatever the number of threads. Should a thread fail to start, the call goes on with
+ * fewer. Nothing outlives a call: no pool, no global state.
  *
 @MODEL_DESCRIPTION@
  */

@@ -27,10 +27,11 @@ typedef struct {
     size_t bytes;
 } tensor_desc;
 
-/* Defines NUM_INPUTS, NUM_OUTPUTS, INPUTS[], OUTPUTS[], WEIGHTS_BYTES, WEIGHTS_CRC32, ARENA_BYTES. */
+/* Defines NUM_INPUTS, NUM_OUTPUTS, INPUTS[], OUTPUTS[], WEIGHTS_BYTES, WEIGHTS_CRC32, ARENA_BYTES, USES_AMX. */
 #include "lowbit_model_desc.inc"
 
-/* The generated code: one call runs the whole model. It keeps no state of its own. */
+/* The generated code: one call runs the whole model, on the calling thread and the threads it starts
+ * and joins for the call (a model compiled for more than one). It keeps no state of its own. */
 void lowbit_run(void **inputs, void **outputs, void *arena, void *weights);
 
 #define MAGIC "LOWBITWT"
@@ -106,7 +107,22 @@ static int check_header(const unsigned char *h, const char *what, uint64_t *head
     return 1;
 }
 
+/* AMX (lowbit_model_desc.inc's USES_AMX: compiled for a target with tiles): Linux hands a process tile state
+ * only on request, before its first tile instruction (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+#if USES_AMX && defined(__x86_64__) && defined(__linux__)
+long syscall(long number, ...); /* libc's: <unistd.h> declares it only with _DEFAULT_SOURCE */
+static int enable_tiles(char *err, size_t err_len) {
+    if (syscall(158 /* SYS_arch_prctl */, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0) return 1;
+    fail(err, err_len, "the operating system refused this process AMX tile state (arch_prctl: %s); export the "
+         "model for a target without amx-tile", strerror(errno));
+    return 0;
+}
+#else
+static int enable_tiles(char *err, size_t err_len) { (void)err; (void)err_len; return 1; }
+#endif
+
 static lowbit_model *new_model(char *err, size_t err_len) {
+    if (!enable_tiles(err, err_len)) return NULL;
     lowbit_model *m = malloc(sizeof *m);
     void *weights = NULL;
     /* One byte at least: a model without constants still gets a valid pointer. */
