@@ -10,7 +10,6 @@ terms fold into that offset (`zero_point_offset`), the run-time term is `zb · r
 """
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,22 +17,8 @@ import numpy as np
 ALIGNMENT = 64  # bytes: a cache line and the widest vector
 
 
-HUGE_PAGE = 2 << 20  # bytes: an x86-64 / AArch64 (4 KiB granule) transparent huge page
-
-
 def aligned_empty(nbytes: int, dtype: np.dtype | type = np.uint8) -> np.ndarray:
-    """An uninitialised 1-D array of `nbytes` bytes whose data starts on a 64-byte boundary.
-
-    From a huge page up (a model's arena and weights), the array starts on a huge page boundary of a private
-    mapping that asks Linux for transparent huge pages (`madvise`; a hint): kernels that read far-apart rows
-    (AMX tile loads: 16 rows, each up to a plane apart) otherwise miss the TLB on 4 KiB pages.
-    """
-    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
-        raw = np.frombuffer(region, np.uint8)  # (keeps the mapping alive)
-        start = -raw.ctypes.data % HUGE_PAGE
-        return raw[start:start + nbytes].view(dtype)
+    """An uninitialised 1-D array of `nbytes` bytes whose data starts on a 64-byte boundary."""
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
     return raw[start:start + nbytes].view(dtype)

@@ -13,6 +13,9 @@ epilogue. Two forms of B:
   of channel quads, K running (ky, kx, channel quad) densely; a panel of 64 output pixels is gathered
   from it one K quad row at a time, each row's pixels whole 4-byte words copied 16 at a time (no byte
   shuffles), the way the tiles read B.
+* windowed (neither, with narrow strides along x, where it needs no more K steps than im2col: a stem's 7×7
+  taps over 3 channels): K running (c, ky, quad of kx) over the byte planes; one 64-byte load holds the
+  windows of 16 output pixels, a byte shuffle puts each pixel's four taps together.
 * im2col: `kernels.qconv`'s panels of 64 output pixels packed as VNNI panels (the same byte layout).
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ PANEL_VECTORS = 4  # 64 output pixels per im2col panel: two column blocks
 # tap: below this share of real pixels (7-pixel rows: 7/16) or channels, im2col panels (several rows to a
 # panel, K dense over channels and taps) waste less.
 DIRECT_USE = 0.8
+WINDOW = 4  # kx taps per K quad of a windowed panel
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,19 @@ class AmxConv:
         """Not direct, but K as (tap, channel quad) over a quad plane: groups must not share quads."""
         shape = self.shape
         return not self.direct and shape.cg % 4 == 0 and steps(self.taps * shape.cg) <= steps(shape.reduction)
+
+    @property
+    def windowed(self) -> bool:
+        """Neither direct nor gathered, but K as (c, ky, quad of kx) over the byte planes: one 64-byte load
+        holds a quad row's windows of 16 pixels (narrow strides), where that needs no more K steps than im2col."""
+        shape = self.shape
+        sw, dw = shape.strides[1], shape.dilations[1]
+        return not self.direct and not self.gathered and (TILE - 1) * sw + (WINDOW - 1) * dw < STEP \
+            and steps(shape.cg * shape.kernel[0] * self.kx_quads * WINDOW) <= steps(shape.reduction)
+
+    @property
+    def kx_quads(self) -> int:
+        return -(-self.shape.kernel[1] // WINDOW)
 
     @property
     def quad_plane(self) -> bool:
@@ -90,7 +107,11 @@ class AmxConv:
     def row_bytes(self) -> int:
         if self.direct:
             return self.taps * self.inputs
-        return steps(self.taps * self.shape.cg if self.gathered else self.shape.reduction) * STEP
+        if self.gathered:
+            return steps(self.taps * self.shape.cg) * STEP
+        if self.windowed:
+            return steps(self.shape.cg * self.shape.kernel[0] * self.kx_quads * WINDOW) * STEP
+        return steps(self.shape.reduction) * STEP
 
     @property
     def plane_bytes(self) -> int:
@@ -112,10 +133,13 @@ class AmxConv:
         return self.plane_bytes + panel
 
     def gather_offsets(self) -> tuple[int, ...]:
-        """A gathered panel's offset in the quad plane (in 4-byte words) of each K quad (ky, kx, channel quad), for
-        output pixel (0, 0)."""
+        """A gathered panel's offset in the quad plane (in 4-byte words) of each K quad (ky, kx, channel quad), or a
+        windowed panel's in the byte planes of each K quad (c, ky, quad of kx), for output pixel (0, 0)."""
         hp, wp = self.shape.plane
         (kh, kw), (dh, dw) = self.shape.kernel, self.shape.dilations
+        if self.windowed:
+            return tuple(c * hp * wp + ky * dh * wp + WINDOW * q * dw
+                         for c in range(self.shape.cg) for ky in range(kh) for q in range(self.kx_quads))
         return tuple(q * hp * wp + ky * dh * wp + kx * dw
                      for ky in range(kh) for kx in range(kw) for q in range(self.shape.cg // 4))
 
@@ -131,7 +155,7 @@ class AmxConv:
 def pack_conv_weights(centred: np.ndarray, conv: AmxConv) -> np.ndarray:
     """Centred weights [M, K = (c, ky, kx)] (int8 values) → per group, A tiles of 16 channels, each its K steps
     of 16 × 64 bytes in order (K in the form's order: (ky, kx, c) on a quad plane, else (c, ky, kx);
-    zero-padded): [group][channel tile][K step][16][64]."""
+    zero-padded; windowed: (c, ky, kx padded to quads)): [group][channel tile][K step][16][64]."""
     shape = conv.shape
     rows = np.zeros((shape.group, conv.channels, conv.row_bytes), np.int8)
     grouped = centred.reshape(shape.group, shape.mg, shape.cg, conv.taps)
@@ -139,6 +163,11 @@ def pack_conv_weights(centred: np.ndarray, conv: AmxConv) -> np.ndarray:
         taps = np.zeros((shape.group, shape.mg, conv.taps, conv.inputs if conv.direct else shape.cg), np.int8)
         taps[..., :shape.cg] = grouped.transpose(0, 1, 3, 2)
         rows[:, :shape.mg, :taps[0, 0].size] = taps.reshape(shape.group, shape.mg, -1)
+    elif conv.windowed:
+        (kh, kw), width = shape.kernel, conv.kx_quads * WINDOW
+        windows = np.zeros((shape.group, shape.mg, shape.cg, kh, width), np.int8)
+        windows[..., :kw] = grouped.reshape(shape.group, shape.mg, shape.cg, kh, kw)
+        rows[:, :shape.mg, :windows[0, 0].size] = windows.reshape(shape.group, shape.mg, -1)
     else:
         rows[:, :shape.mg, :shape.reduction] = grouped.reshape(shape.group, shape.mg, -1)
     tiles = rows.reshape(shape.group, conv.channels // TILE, TILE, conv.row_bytes // STEP, STEP)
@@ -179,30 +208,42 @@ def emit_quad_plane(builder: ir.IRBuilder, conv: AmxConv, source: ir.Value, targ
 
 
 def _gather_panel(module: ir.Module, name: str, conv: AmxConv, run: PixelRun, offsets: ir.Value) -> ir.Function:
-    """`name(planes, dst, first_row)`: the gathered panel of `run` whose pixels start at output row first_row:
-    [K quad][panel width][4 bytes] from a group's quad plane; `offsets` is the table of `gather_offsets`.
-    Every copy moves 16 pixels' words (strided along x by the stride) and may write past its piece: later
+    """`name(planes, dst, first_row)`: the gathered (or windowed) panel of `run` whose pixels start at output row
+    first_row: [K quad][panel width][4 bytes] from a group's quad plane (byte planes); `offsets` is the table of
+    `gather_offsets`. Every copy moves 16 pixels' words (strided along x by the stride; windowed: each pixel's
+    four window bytes picked from one 64-byte load by a byte shuffle) and may write past its piece: later
     copies (the next piece, the next K quad row; the scratch's slack after the last) overwrite it."""
     shape = conv.shape
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I8.as_pointer(), I64]), name)
     fn.linkage = "internal"
     planes, dst, first_row = fn.args
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    words, out = builder.bitcast(planes, I32.as_pointer()), builder.bitcast(dst, I32.as_pointer())
-    (sh, sw), (_, wp) = shape.strides, shape.plane
+    out = builder.bitcast(dst, I32.as_pointer())
+    (sh, sw), (_, wp), dw = shape.strides, shape.plane, shape.dilations[1]
     width = -(-run.valid // TILE) * TILE
     row_base = builder.mul(first_row, _c(sh * wp))
-    copies, lane = [], 0  # (plane word offset from the row base, panel lane) of each 16-word copy
+    copies, lane = [], 0  # (plane element offset from the row base, panel lane) of each 16-word copy
     for dy, ox0, count in run.pieces:
         copies += [(dy * sh * wp + (ox0 + v) * sw, lane + v) for v in range(0, count, TILE)]
         lane += count
+    if conv.windowed:
+        windows = ll.const_vector(I32, [p * sw + j * dw for p in range(TILE) for j in range(WINDOW)])
+
+        def load(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
+            values = ll.load_vector(b, planes, at, STEP)
+            return b.bitcast(b.shuffle_vector(values, ir.Constant(values.type, ir.Undefined), windows),
+                             ll.vector(I32, TILE))
+    else:
+        words = builder.bitcast(planes, I32.as_pointer())
+
+        def load(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
+            return strided_row(b, words, at, TILE, sw)
 
     def row(b: ir.IRBuilder, r: ir.Value, carried: list) -> list:
         start = b.add(row_base, b.sext(b.load(b.gep(offsets, [r])), I64))
         target = b.mul(r, _c(width))
         for source, at in copies:
-            values = strided_row(b, words, b.add(start, _c(source)), TILE, sw)
-            ll.store_vector(b, values, out, b.add(target, _c(at)))
+            ll.store_vector(b, load(b, b.add(start, _c(source))), out, b.add(target, _c(at)))
         return carried
 
     ll.static_loop(builder, len(conv.gather_offsets()), "quad", row)
@@ -297,7 +338,7 @@ def emit_amx_conv(module: ir.Module, name: str, conv: AmxConv, epilogue: Epilogu
         fast = conv.fast
         panel = builder.gep(planes, [_c(conv.plane_bytes)])
         runs = fast.runs()
-        if conv.gathered:
+        if conv.gathered or conv.windowed:
             offsets = ll.global_table(module, f"{name}.quads", I32, conv.gather_offsets())
             packs = [_gather_panel(module, f"{name}.gather{i}", conv, run, offsets) for i, run in enumerate(runs)]
         else:

@@ -127,6 +127,28 @@ def test_all_convolution_forms_are_exercised() -> None:
     assert not AmxConv(_shape({**base, "channels": 64})).gathered  # direct
     assert not AmxConv(_shape({**base, "channels": 3, "kernel": (7, 7)})).gathered  # 196 K bytes, not 147
     assert not AmxConv(_shape({**base, "channels": 30})).gathered  # 30 is no whole number of quads
+    # else kx quads of byte windows where strides are narrow and that needs no more K steps than im2col
+    stem = {**base, "channels": 3, "kernel": (7, 7), "strides": (2, 2)}
+    assert AmxConv(_shape(stem)).windowed  # 3·7·8 = 168 K bytes: 3 steps, as 147
+    assert not AmxConv(_shape({**stem, "strides": (2, 5)})).windowed  # 16 windows 5 apart pass 64 bytes
+    assert not AmxConv(_shape({**base, "channels": 30})).windowed  # 30·3·4 = 360 K bytes: 6 steps, not 5
+
+
+@pytest.mark.parametrize("channels,kernel,strides,dilations,width", [
+    (3, (7, 7), (2, 2), (1, 1), 45),  # a stem
+    (5, (3, 5), (1, 3), (1, 1), 40),
+    (5, (3, 3), (2, 1), (2, 2), 33),
+])
+def test_windowed_panels(amx: Target, channels: int, kernel: tuple, strides: tuple, dilations: tuple,
+                         width: int) -> None:
+    rng = np.random.default_rng(width)
+    x_type = activation_type(rng, (1, channels, 23, width), DType.i8, False)
+    graph, feeds = product_graph("qconv2d", rng, x_type, (40, channels) + kernel, "channel", True, None, DType.u8,
+                                 True, strides=strides, pads=(3, 2, 1, 3), dilations=dilations, group=1)
+    node = graph.nodes[0]
+    shape = ConvShape(1, channels, 23, width, 40, 1, kernel, strides, (3, 2, 1, 3), dilations, DType.i8, 0)
+    assert AmxConv(shape).windowed and uses_amx(graph, amx), node
+    check_threads(graph, feeds, amx, (1, 3))
 
 
 @st.composite
