@@ -81,7 +81,7 @@ def prune(graph: Graph, method: str = "magnitude", *, calibration=None, **option
     return _prune(graph, method, calibration=calibration, **options)
 
 
-def compile(graph: Graph, target: str = "host", num_threads: int = 1):
+def compile(graph: Graph, target: str = "host", num_threads: int = 1, optimize: str = "speed"):
     """Compile `graph` to native code for `target` (`"host"`, or a name such as `"x86_64-avx2"`);
     the result's `.run(feeds)` returns outputs by name, like `run_reference`.
 
@@ -89,10 +89,14 @@ def compile(graph: Graph, target: str = "host", num_threads: int = 1):
     call, sharing the outputs of convolutions and matrix products; results are bit-identical for every
     thread count. A model with little such work stays on one thread, as starting threads would not pay
     (`lowbit.backends.native.compiler.PARALLEL_MIN_MACS`); the result's `.threads` says what a run uses.
-    Calls from several Python threads at once are safe (each has its own working memory)."""
+    Calls from several Python threads at once are safe (each has its own working memory).
+
+    `optimize="size"` makes kernel selection minimise the weights' bytes instead of time: every weight
+    with a sparse layout (see `sparsify`) is stored in the most compact sparse packing and runs on the
+    sparse kernels even where the dense ones would be faster."""
     from lowbit.backends.native.compiler import compile_graph
 
-    return compile_graph(graph, target, num_threads)
+    return compile_graph(graph, target, num_threads, optimize=optimize)
 
 
 def load(folder, *, weights=None):

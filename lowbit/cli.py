@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--quantize", choices=("int8", "int7", "dynamic"),
                           help="quantize after pruning: static int8 (int7: 7-bit weights) or dynamic")
     add_calibration(compile_, "calibration data for --quantize (static) and for the pruning update")
+    compile_.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                          help="threads per run (default 1): convolutions and matrix products split their outputs")
+    compile_.add_argument("--optimize-for", choices=("speed", "size"), default="speed",
+                          help="speed (default) or size: sparse weights always stored in their most compact "
+                               "sparse packing")
     compile_.set_defaults(handler=cmd_compile)
 
     tune = commands.add_parser("tune", help="measure this machine's sparse vs dense kernel costs",
@@ -268,7 +273,10 @@ def cmd_compile(args: argparse.Namespace) -> None:
     if args.quantize:
         graph = lowbit.quantize(graph, calibration, mode="dynamic" if args.quantize == "dynamic" else "static",
                                 weights="int7" if args.quantize == "int7" else "int8")
-    folder = export(graph, args.output, target=args.target, emit=args.emit)
+    if args.prune:  # record the sparse layouts (of the final weights): kernel selection reads them
+        graph = lowbit.optimize(graph, "sparsify")
+    folder = export(graph, args.output, target=args.target, emit=args.emit, num_threads=args.threads,
+                    optimize=args.optimize_for)
     manifest = json.loads((folder / "manifest.json").read_text())
     files = ", ".join(f"{name} ({_format_bytes((folder / name).stat().st_size)})"
                       for name in (*manifest["files"].values(), "manifest.json"))

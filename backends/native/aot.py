@@ -103,18 +103,18 @@ def _run(*args: str) -> None:
 
 
 def export(model: Exportable, out: str | os.PathLike, *, target: str | Target | None = None,
-           emit: str = "so", num_threads: int | None = None) -> Path:
+           emit: str = "so", num_threads: int | None = None, optimize: str | None = None) -> Path:
     """Write the artifact of `model` (a graph, `Program` or `CompiledModel`) for `target` to folder `out`.
 
-    `target` defaults to the model's own (a graph: the host), `num_threads` to the model's own (a graph:
-    1); another target or thread count lowers the graph again. `emit="so"` writes a shared library,
+    `target`, `num_threads` and `optimize` ("speed" or "size") default to the model's own (a graph: the
+    host, 1, "speed"); other values lower the graph again. `emit="so"` writes a shared library,
     `"obj"` a relocatable object to link into a program (with -lm -pthread). Returns `out`.
     """
     if emit not in ("so", "obj"):
         raise LowbitError(f"emit must be 'so' or 'obj', got '{emit}'")
     if num_threads is not None and num_threads < 1:
         raise LowbitError(f"num_threads must be at least 1, got {num_threads}")
-    program = _program(model, target, num_threads)
+    program = _program(model, target, num_threads, optimize)
     toolchain = Toolchain.for_target(program.target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,8 @@ def export(model: Exportable, out: str | os.PathLike, *, target: str | Target | 
     return out
 
 
-def _program(model: Exportable, target: str | Target | None, num_threads: int | None) -> Program:
+def _program(model: Exportable, target: str | Target | None, num_threads: int | None,
+             optimize: str | None) -> Program:
     if isinstance(model, CompiledModel):
         graph, program = model.graph, model.program
     elif isinstance(model, Program):
@@ -153,9 +154,11 @@ def _program(model: Exportable, target: str | Target | None, num_threads: int | 
         target = Target.parse(target)
     target = target or (program.target if program is not None else Target.host())
     num_threads = num_threads or (program.num_threads if program is not None else 1)
-    if program is not None and program.target == target and program.num_threads == num_threads:
+    optimize = optimize or (program.optimize if program is not None else "speed")
+    if program is not None and (program.target, program.num_threads, program.optimize) == \
+            (target, num_threads, optimize):
         return program
-    return Program(graph, target, num_threads)
+    return Program(graph, target, num_threads, optimize)
 
 
 def _weights_file(blob: bytes, checksum: int, arena_bytes: int) -> bytes:
@@ -265,6 +268,7 @@ def _manifest(program: Program, code: str, checksum: int) -> dict:
                     "bytes": program.weights_bytes, "crc32": f"{checksum:08x}"},
         "arena_bytes": program.arena_bytes,
         "num_threads": program.num_threads,
+        "optimize": program.optimize,
         "threads": program.threads,
         "inputs": [_tensor_entry(name, value) for name, value in signature["input"]],
         "outputs": [_tensor_entry(name, value) for name, value in signature["output"]],

@@ -50,9 +50,9 @@ def _generator_digest() -> str:
     return digest.hexdigest()
 
 
-def cache_key(graph: Graph, target, threads: int = 1) -> str:
+def cache_key(graph: Graph, target, threads: int = 1, optimize: str = "speed") -> str:
     digest = hashlib.sha256(_generator_digest().encode())
-    digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}|threads={threads}".encode())
+    digest.update(f"{target.triple}|{target.cpu}|{target.llvm_features}|threads={threads}|{optimize}".encode())
     from lowbit.backends.native.sparse_selection import tuning_fingerprint  # (imports the lowerings)
     digest.update(tuning_fingerprint())  # measured sparse/dense constants change kernel choices
     # The summary text names every large constant by a hash of its bytes; hash them fully here.

@@ -36,19 +36,23 @@ RUN = "lowbit_run"
 # Below this many multiply-accumulates in a model's products, starting threads for every run (≈ 10-30 µs)
 # costs more than sharing the work saves.
 PARALLEL_MIN_MACS = 4_000_000
+# What kernel selection minimises where it has a choice: run time, or the weights' bytes (sparse layouts
+# stored compactly even where the dense kernel would be faster).
+OPTIMIZE_FOR = ("speed", "size")
 
 
 class Program:
     """A lowered graph: kernel calls over planned buffers, the weights blob and the LLVM module."""
 
-    def __init__(self, graph: Graph, target: Target, num_threads: int = 1) -> None:
+    def __init__(self, graph: Graph, target: Target, num_threads: int = 1, optimize: str = "speed") -> None:
         verify(graph)
         self.graph = graph
         self.target = target
         self.num_threads = num_threads
+        self.optimize = check_optimize(optimize)
         self.threads = team_size(graph, num_threads)
         self.module = new_module(graph.name, target)
-        ctx = LowerContext(self.module, target, graph, self.threads)
+        ctx = LowerContext(self.module, target, graph, self.threads, optimize)
         for index, value in enumerate(graph.inputs):
             ctx.bind(value, Buffer("input", value.type.nbytes, index, value.name))
         outputs = [Buffer("output", v.type.nbytes, i, n) for i, (n, v) in
@@ -146,14 +150,16 @@ def team_size(graph: Graph, num_threads: int) -> int:
 class CompiledModel:
     """A graph compiled to native code for this machine; `run(feeds)` returns outputs by name."""
 
-    def __init__(self, graph: Graph, target: Target, num_threads: int = 1, cache: bool = True) -> None:
+    def __init__(self, graph: Graph, target: Target, num_threads: int = 1, cache: bool = True,
+                 optimize: str = "speed") -> None:
         start = time.perf_counter()
         self.graph = graph
         self.target = target
         self.num_threads = num_threads
+        self.optimize = check_optimize(optimize)
         self.threads = team_size(graph, num_threads)  # what a run uses (see `team_size`)
         self._program: Program | None = None
-        key = cache_key(graph, target, self.threads) if cache else None
+        key = cache_key(graph, target, self.threads, optimize) if cache else None
         entry = load_entry(key) if key else None
         self.from_cache = entry is not None
         if entry is None:
@@ -179,7 +185,7 @@ class CompiledModel:
     def program(self) -> Program:
         """The lowered graph (kernel calls, memory plan, LLVM module); rebuilt on demand after a cache hit."""
         if self._program is None:
-            self._program = Program(self.graph, self.target, self.num_threads)
+            self._program = Program(self.graph, self.target, self.num_threads, self.optimize)
         return self._program
 
     @property
@@ -188,13 +194,13 @@ class CompiledModel:
         return self.arena_bytes
 
     def export(self, out: str | os.PathLike, *, target: str | Target | None = None, emit: str = "so",
-               num_threads: int | None = None) -> Path:
+               num_threads: int | None = None, optimize: str | None = None) -> Path:
         """Write this model as an ahead-of-time artifact folder: model.so (emit="obj": model.o), model.h,
-        weights.bin, manifest.json; for this model's target and threads unless `target` / `num_threads`
-        name others."""
+        weights.bin, manifest.json; for this model's target, threads and optimisation goal unless
+        `target` / `num_threads` / `optimize` name others."""
         from lowbit.backends.native.aot import export  # aot builds on this module
 
-        return export(self, out, target=target, emit=emit, num_threads=num_threads)
+        return export(self, out, target=target, emit=emit, num_threads=num_threads, optimize=optimize)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = self._exact_feeds(feeds)
@@ -237,10 +243,16 @@ class _RunSlots:
         self.outputs = FFI.new("void *[]", max(outputs, 1))
 
 
+def check_optimize(optimize: str) -> str:
+    if optimize not in OPTIMIZE_FOR:
+        raise LowbitError(f"optimize must be one of {', '.join(OPTIMIZE_FOR)}, got {optimize!r}")
+    return optimize
+
+
 def compile_graph(graph: Graph, target: str | Target = "host", num_threads: int = 1,
-                  cache: bool = True) -> CompiledModel:
+                  cache: bool = True, optimize: str = "speed") -> CompiledModel:
     if isinstance(target, str):
         target = Target.parse(target)
     if num_threads < 1:
         raise LowbitError(f"num_threads must be at least 1, got {num_threads}")
-    return CompiledModel(graph, target, num_threads, cache)
+    return CompiledModel(graph, target, num_threads, cache, optimize)

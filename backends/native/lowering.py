@@ -53,6 +53,7 @@ class LowerContext:
     target: object
     graph: Graph
     num_threads: int = 1  # threads a run uses: per-thread scratch holds this many parts
+    optimize: str = "speed"  # or "size": where kernels offer a choice, the one with the fewest weight bytes
     calls: list[Call] = field(default_factory=list)
     weights: list[tuple[Buffer, np.ndarray]] = field(default_factory=list)
     # Keyed by the values themselves (identity), not id(): a value a lowering makes up (float_width's

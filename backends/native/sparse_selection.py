@@ -108,12 +108,31 @@ def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int],
     return sparse < dense
 
 
-def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
-    """The packing block the model finds fastest: the bsr layout's block, single weights (CSR, also for
-    csr and N:M) or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight)."""
+def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
+    """Packing blocks to choose from: the bsr layout's block, single weights (CSR, also for csr and N:M)
+    or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight)."""
     candidates = [tuple(layout.block)] if layout.format == "bsr" else []
-    candidates += [(1, 1)] + ([(1, 4)] if kind == "int8" else [])
-    return min(candidates, key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
+    return candidates + [(1, 1)] + ([(1, 4)] if kind == "int8" else [])
+
+
+def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
+    """The packing block the model finds fastest."""
+    return min(candidate_blocks(kind, layout), key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
+
+
+def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, layout) -> tuple[int, int] | None:
+    """The block to pack `matrix` [N, K] with for x [m, K] · matrixᵀ, or None for the dense kernel: the
+    fastest by the cost model, or with `ctx.optimize == "size"` the packing with the fewest bytes, when it
+    is smaller than the dense weights (int8: 1 byte a weight, f32: 4)."""
+    if ctx.optimize == "size":
+        dtype = np.int8 if kind == "int8" else np.float32
+        sizes = {block: pack_sparse(_padded(matrix, block) if kind == "int8" else matrix, block, dtype).data.nbytes
+                 for block in candidate_blocks(kind, layout)}
+        block = min(sizes, key=sizes.get)
+        return block if sizes[block] < matrix.size * np.dtype(dtype).itemsize else None
+    lanes = _lanes(ctx)
+    block = best_block(kind, matrix, m, layout, lanes)
+    return block if prefer_sparse(kind, matrix, m, block, lanes) else None
 
 
 def _lanes(ctx: LowerContext) -> int:
@@ -159,8 +178,8 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
             or centred.min() < -128 or centred.max() > 127:
         return False
     rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
-    block = best_block("int8", centred, rows, layout, lanes)
-    if not prefer_sparse("int8", centred, rows, block, lanes):
+    block = choose_packing(ctx, "int8", centred, rows, layout)
+    if block is None:
         return False
     n, k = centred.shape
     packed = pack_sparse(_padded(centred, block), block, np.int8)
@@ -193,8 +212,8 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
         return False  # a broadcast residual: the dense kernel handles it
     matrix = np.asarray(weights, np.float32)
     rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
-    block = best_block("f32", matrix, rows, w.type.layout, lanes)
-    if not prefer_sparse("f32", matrix, rows, block, lanes):
+    block = choose_packing(ctx, "f32", matrix, rows, w.type.layout)
+    if block is None:
         return False
     n, k = matrix.shape
     packed = pack_sparse(matrix, block, np.float32)

@@ -194,3 +194,30 @@ def test_sparse_kernels_compile_for_other_targets(target) -> None:
         program = Program(graph, Target.named(target))
         assert any(call.parallel for call in program.calls)  # the sparse kernel (the dense ones are serial)
         assert ll.emit_assembly(program.module, program.target)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_optimize_for_size_stores_sparse_weights_compactly(rows, monkeypatch) -> None:
+    """optimize="size": a 90%-sparse int8 weight takes its smallest packing even where the cost model would
+    keep it dense; a weight whose packing is no smaller than dense stays dense. Results stay bit-exact."""
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", "off")
+    monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: False)  # speed would pick dense
+    rng = np.random.default_rng(7)
+    for sparsity, expect_sparse in ((0.9, True), (0.0, False)):
+        graph, feeds = qlinear_graph(rng, rows, 256, 96, (1, 1), sparsity, DType.i8, True, False, DType.i8)
+        weight = next(c.data for c in graph.constants if c.name == "w")
+        small, fast = (lowbit.compile(graph, optimize=goal) for goal in ("size", "speed"))
+        assert (small.weights.nbytes < 0.5 * weight.nbytes) == expect_sparse
+        assert fast.weights.nbytes >= weight.nbytes
+        want = lowbit.run_reference(graph, feeds)
+        for model in (small, fast):
+            for name, got in model.run(feeds).items():
+                np.testing.assert_array_equal(got, want[name])
+
+
+def test_optimize_goal_is_checked() -> None:
+    rng = np.random.default_rng(3)
+    graph, _ = qlinear_graph(rng, 2, 8, 8, (1, 1), 0.5, DType.i8, False, False, DType.i8)
+    with pytest.raises(lowbit.LowbitError, match="optimize must be one of speed, size"):
+        lowbit.compile(graph, optimize="smallest")
