@@ -4,9 +4,13 @@ lowbit's own code generator (so an edited kernel never reuses stale code).
 
 The folder is `$LOWBIT_CACHE_DIR`, else `~/.cache/lowbit`; `LOWBIT_CACHE_DIR=off` turns the cache off.
 Entries are written to a temporary name and renamed, so concurrent compiles never see half a file.
+The folder is kept under `$LOWBIT_CACHE_LIMIT_MB` megabytes (default 1024): after each store the least
+recently used entries go (a load counts as a use), since every edit of lowbit's code generator makes
+all older entries unreachable.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,6 +78,8 @@ def load_entry(key: str) -> CacheEntry | None:
         return None
     if len(code) != meta.get("code_bytes") or len(weights) != meta.get("weights_bytes"):
         return None  # a damaged entry is recompiled, never used
+    with contextlib.suppress(OSError):
+        os.utime(folder / f"{key}.json")  # recently used: trimmed last
     return CacheEntry(code, weights, int(meta["arena_bytes"]))
 
 
@@ -89,5 +95,36 @@ def store_entry(key: str, entry: CacheEntry) -> None:
             with tempfile.NamedTemporaryFile(dir=folder, delete=False) as handle:
                 handle.write(data)
             os.replace(handle.name, folder / f"{key}{suffix}")
+        trim(folder, cache_limit_bytes())
     except OSError:
         pass  # a read-only or full disk costs a recompile next time, nothing else
+
+
+def cache_limit_bytes() -> int:
+    try:
+        return int(float(os.environ.get("LOWBIT_CACHE_LIMIT_MB", "1024")) * 2**20)
+    except ValueError:
+        return 1024 * 2**20
+
+
+def trim(folder: Path, limit: int) -> None:
+    """Delete the least recently used entries (by their .json's time) until the folder's entries fit
+    in `limit` bytes."""
+    entries: dict[str, list] = {}  # key → [time of use, bytes, files]
+    for path in folder.iterdir():
+        key, _, suffix = path.name.partition(".")
+        if suffix not in ("o", "weights", "json"):
+            continue  # another program's file, or one being written
+        stat = path.stat()
+        entry = entries.setdefault(key, [0.0, 0, []])
+        entry[1] += stat.st_size
+        entry[2].append(path)
+        if suffix == "json":
+            entry[0] = stat.st_mtime
+    total = sum(entry[1] for entry in entries.values())
+    for _, size, files in sorted(entries.values(), key=lambda entry: entry[0]):
+        if total <= limit:
+            break
+        for path in files:
+            path.unlink(missing_ok=True)
+        total -= size

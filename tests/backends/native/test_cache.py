@@ -56,3 +56,16 @@ def test_cache_can_be_turned_off(cache, monkeypatch):
     monkeypatch.setenv("LOWBIT_CACHE_DIR", "off")
     lowbit.compile(graph(1))
     assert not lowbit.compile(graph(1)).from_cache and not list(cache.iterdir())
+
+
+def test_the_cache_keeps_under_its_size_limit_dropping_the_least_recently_used(cache, monkeypatch):
+    lowbit.compile(graph(1))
+    entry_bytes = sum(path.stat().st_size for path in cache.iterdir())
+    monkeypatch.setenv("LOWBIT_CACHE_LIMIT_MB", str(2.5 * entry_bytes / 2**20))  # room for two entries
+    lowbit.compile(graph(2))
+    assert lowbit.compile(graph(1)).from_cache  # a use: graph(2) is now the least recently used
+    lowbit.compile(graph(3))
+    assert len(list(cache.glob("*.json"))) == 2
+    assert sum(path.stat().st_size for path in cache.iterdir()) <= 2.5 * entry_bytes
+    assert lowbit.compile(graph(1)).from_cache and lowbit.compile(graph(3)).from_cache
+    assert not lowbit.compile(graph(2)).from_cache
