@@ -7,8 +7,8 @@ The graph is lowered exactly as `lowbit.compile` lowers it (`Program`: the same 
 memory plan). Beside the module's `lowbit_run`, this tool emits `lowbit_profile`, which makes the same
 calls in the same order and reads the CPU's cycle counter (`llvm.readcyclecounter`, the TSC on x86)
 before the first call and after each one. Every kernel therefore runs on the real data, in the real cache
-state, with no per-call Python overhead; the cycle counts are converted to seconds by timing whole runs
-with `time.perf_counter`. A node's time is the sum of its kernel calls (a reshape lowers to none); the
+state, with no per-call Python overhead; the cycle counts are converted to seconds by the counter's
+rate against `time.perf_counter` over 50 ms. Arena and weights are 64-byte aligned, as in `lowbit.compile`. A node's time is the sum of its kernel calls (a reshape lowers to none); the
 copies of values into output slots are listed as "(output copy)". Each call's time is the median over
 `--runs` runs.
 
@@ -45,8 +45,10 @@ from lowbit.backends.native.lowering import BYTE_PTR, Buffer  # noqa: E402
 from lowbit.backends.native.target import Target  # noqa: E402
 from lowbit.ir import Graph, Node  # noqa: E402
 from lowbit.kernels.llvm import I32, I64, JitModule, emit_object  # noqa: E402
+from lowbit.kernels.packing import aligned_empty  # noqa: E402
 
 PROFILE = "lowbit_profile"
+CYCLES = "lowbit_profile_cycles"  # the cycle counter alone: its rate against time.perf_counter
 PRODUCTS = ("qlinear", "qmatmul", "linear", "matmul", "qconv2d", "conv2d", "dynamic_linear", "dynamic_matmul")
 Feeds = dict[str, np.ndarray]
 
@@ -73,6 +75,9 @@ def _emit_profile(program: Program) -> int:
     def stamp(index: int) -> None:
         builder.store(builder.call(counter, []), builder.gep(stamps, [ir.Constant(I64, index)]))
 
+    clock = ir.Function(module, ir.FunctionType(I64, []), CYCLES)
+    clock_builder = ir.IRBuilder(clock.append_basic_block("entry"))
+    clock_builder.ret(clock_builder.call(counter, []))
     stamp(0)
     for index, call in enumerate(program.calls):
         kernel = module.globals[call.function]
@@ -94,7 +99,18 @@ class Profiler:
         self.count = _emit_profile(self.program)
         self._jit = JitModule.from_object(emit_object(self.program.module, self.target), self.target)
         self._profile = self._jit.function(PROFILE, None, *[ctypes.c_void_p] * 5)
-        self.arena = np.empty(max(self.program.arena_bytes, 1), np.uint8)
+        self._cycles = self._jit.function(CYCLES, ctypes.c_int64)
+        # 64-byte aligned like CompiledModel's: AMX tile loads are much slower from unaligned panels
+        self.arena = aligned_empty(max(self.program.arena_bytes, 1))
+        self.weights = aligned_empty(self.program.weights.size)
+        self.weights[:] = self.program.weights
+
+    def seconds_per_cycle(self) -> float:
+        """The cycle counter's period, from its advance over 50 ms of time.perf_counter."""
+        start_time, start_cycles = time.perf_counter(), self._cycles()
+        while time.perf_counter() - start_time < 0.05:
+            pass
+        return (time.perf_counter() - start_time) / (self._cycles() - start_cycles)
 
     def _tables(self, feeds: Feeds):
         inputs = [np.ascontiguousarray(feeds[v.name]) for v in self.graph.inputs]
@@ -109,18 +125,13 @@ class Profiler:
         keep, input_table, output_table = self._tables(feeds)
         stamps = np.zeros(self.count + 1, np.int64)
         rows = []
-        start, total = time.perf_counter(), 0
         for run in range(runs + 1):  # the first run warms caches and pages, untimed
             self._profile(ctypes.addressof(input_table), ctypes.addressof(output_table), self.arena.ctypes.data,
-                          self.program.weights.ctypes.data, stamps.ctypes.data)
-            if run == 0:
-                start = time.perf_counter()
-                continue
-            rows.append(np.diff(stamps))
-            total += int(stamps[-1] - stamps[0])
-        seconds = time.perf_counter() - start
+                          self.weights.ctypes.data, stamps.ctypes.data)
+            if run:
+                rows.append(np.diff(stamps))
         del keep
-        return np.array(rows), seconds / max(total, 1)
+        return np.array(rows), self.seconds_per_cycle()
 
 
 def product_ops(node: Node) -> int | None:
