@@ -691,7 +691,7 @@ class _ConvEmitter:
         vectors = spec.tile.vectors
         (kh, kw), (dh, dw) = spec.kernel, spec.dilations
         cg = spec.channels // spec.group
-        oh, ow, pixels = self.oh, self.ow, self.oh * self.ow
+        ow, pixels = self.ow, self.oh * self.ow
         key = ("in_place", rows, vectors, lanes, cg, spec.kernel, spec.dilations, plane, replace(epi, residual_ld=0))
         fn, new = tile_function(self.module, f"conv_f32.tile{rows}x{vectors}x{lanes}", key,
                                 [I8.as_pointer()] * 5 + [I64])

@@ -8,7 +8,7 @@ import numpy as np
 from lowbit.backends.reference import attention, elementwise, nn, quantized, tensor  # noqa: F401  (fill the table)
 from lowbit.backends.reference.registry import IMPLEMENTATIONS, TYPED
 from lowbit.errors import InputError, LowbitError, UnsupportedOpError, VerificationError
-from lowbit.ir import ElidedData, Graph, Node, Value
+from lowbit.ir import ElidedData, Graph, Node
 
 Observer = Callable[[Node, list[np.ndarray]], None]
 
