@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,7 +80,7 @@ def load_entry(key: str) -> CacheEntry | None:
     if len(code) != meta.get("code_bytes") or len(weights) != meta.get("weights_bytes"):
         return None  # a damaged entry is recompiled, never used
     with contextlib.suppress(OSError):
-        os.utime(folder / f"{key}.json")  # recently used: trimmed last
+        _touch(folder / f"{key}.json")  # recently used: trimmed last
     return CacheEntry(code, weights, int(meta["arena_bytes"]))
 
 
@@ -95,9 +96,17 @@ def store_entry(key: str, entry: CacheEntry) -> None:
             with tempfile.NamedTemporaryFile(dir=folder, delete=False) as handle:
                 handle.write(data)
             os.replace(handle.name, folder / f"{key}{suffix}")
+        _touch(folder / f"{key}.json")
         trim(folder, cache_limit_bytes())
     except OSError:
         pass  # a read-only or full disk costs a recompile next time, nothing else
+
+
+def _touch(path: Path) -> None:
+    """Set `path`'s times to now, to the nanosecond: the file system's own clock for writes and plain
+    `utime` ticks in milliseconds, too coarse to order a write and a load that follow each other."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def cache_limit_bytes() -> int:
@@ -116,11 +125,11 @@ def trim(folder: Path, limit: int) -> None:
         if suffix not in ("o", "weights", "json"):
             continue  # another program's file, or one being written
         stat = path.stat()
-        entry = entries.setdefault(key, [0.0, 0, []])
+        entry = entries.setdefault(key, [0, 0, []])
         entry[1] += stat.st_size
         entry[2].append(path)
         if suffix == "json":
-            entry[0] = stat.st_mtime
+            entry[0] = stat.st_mtime_ns
     total = sum(entry[1] for entry in entries.values())
     for _, size, files in sorted(entries.values(), key=lambda entry: entry[0]):
         if total <= limit:
