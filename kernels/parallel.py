@@ -6,25 +6,28 @@ after its buffer pointers and does its share of its outermost independent work u
 `for_units`): contiguous ranges whose sizes differ by at most one. Only independent outputs are split
 (never a reduction), so the result is bit-identical for every thread count. Scratch memory a parallel
 kernel writes is per thread: the lowering reserves `thread_stride(nbytes)` bytes per thread and the
-kernel works in `thread_scratch(...)`. A kernel must be correct for any `threads` at run time (the team
-may start fewer threads than the model was compiled for, see below).
+kernel works in `thread_scratch(...)`, indexed by the share it runs. A kernel must be correct for any
+`threads`.
 
-The team (`emit_team_entry`). The model's entry point runs one body function on the calling thread and
-on `threads - 1` threads it starts with `pthread_create` for this run and joins before returning; the
-body calls every kernel, parallel ones on all threads, the others on thread 0, with `barrier` between
-dependent calls. Threads are started per run rather than kept in a pool: a pool is process-wide state
-that outlives neither the JIT's code nor a `dlclose`d artifact safely, and would serialise concurrent
-runs of one model; per-run threads keep every run independent (its team lives on its own stack) at the
-price of starting them, about 10-30 µs, which the compiler avoids for models whose parallel work is
-small (it then compiles a single-threaded model). A thread that cannot be started is no error: the run
-goes on with the threads it has. Shares are fixed, not claimed at run time: a thread the OS deschedules
-(more threads than free cores) holds up the whole call, so `num_threads` should not exceed the cores
-free for the model.
+The team (`emit_team_entry`). The model's entry point runs its steps (`Step`: a parallel kernel call, or
+a run of serial calls) on the calling thread and on `threads - 1` threads it starts with `pthread_create`
+for this call and joins before returning. A parallel step has `threads` shares, a serial one a single
+share, and threads claim shares at run time (an atomic counter per step) rather than each owning a fixed
+one: a thread the OS has not scheduled yet (more runnable threads than free cores) then delays nothing,
+since the others take its shares, and when it does start it races through the finished steps. A share
+runs once the step before has finished all of its shares (a second counter per step; waiters spin, then
+yield). Each share index is run by exactly one thread, so per-share scratch stays private, and the shares
+are the same for every schedule: results do not depend on who ran what. Threads are started per call
+rather than kept in a pool: a pool is process-wide state that outlives neither the JIT's code nor a
+`dlclose`d artifact safely, and would serialise concurrent runs of one model; per-call threads keep every
+run independent (its counters live on its own stack) at the price of starting them, about 10-30 µs,
+which the compiler avoids for models whose parallel work is small (it then compiles a single-threaded
+model). A thread that cannot be started is no error: the others run its shares.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from llvmlite import ir
 
@@ -133,15 +136,18 @@ def chunk_bounds(builder: ir.IRBuilder, chunk: ir.Value, size: int, total: int) 
 
 
 # -- the team ----------------------------------------------------------------------------------------------
-# team: { i8** args, i32 threads, i32 go, i32 arrived, i32 generation }
-TEAM = ir.LiteralStructType([BYTE_PTR.as_pointer(), I32, I32, I32, I32])
-# what a started thread receives: { team*, i32 thread }
-WORKER_ARG = ir.LiteralStructType([TEAM.as_pointer(), I32])
-THREADS_FIELD, GO_FIELD, ARRIVED_FIELD, GENERATION_FIELD = 1, 2, 3, 4
+# One step's counters: shares claimed so far, shares finished.
+COUNTERS = ir.LiteralStructType([I32, I32])
+CLAIMED, DONE = 0, 1
 
 
-def _field(builder: ir.IRBuilder, team: ir.Value, index: int) -> ir.Value:
-    return builder.gep(team, [ir.Constant(I32, 0), ir.Constant(I32, index)])
+class Step(NamedTuple):
+    """A unit of the run's schedule: `emit(builder, share, shares)` emits the code of one share (i32 values);
+    a parallel step has as many shares as the team has threads, a serial one a single share. Each step
+    depends on the one before it."""
+
+    parallel: bool
+    emit: Callable[[ir.IRBuilder, ir.Value, ir.Value], None]
 
 
 def _pause(builder: ir.IRBuilder, arch: str) -> None:
@@ -152,9 +158,9 @@ def _pause(builder: ir.IRBuilder, arch: str) -> None:
         builder.call(ll.declare(builder.module, "llvm.aarch64.hint", VOID, I32), [ir.Constant(I32, 1)])
 
 
-def _wait_while_equal(builder: ir.IRBuilder, word: ir.Value, value: ir.Value, arch: str) -> None:
-    """Spin (with pauses) while the atomic i32 at `word` equals `value`, yielding the CPU after
-    SPIN_PAUSES rounds (the machine may have fewer free cores than threads)."""
+def _wait_until_equal(builder: ir.IRBuilder, word: ir.Value, value: ir.Value, arch: str) -> None:
+    """Spin (with pauses) until the atomic i32 at `word` equals `value` (acquire), yielding the CPU after
+    SPIN_PAUSES rounds (the thread being waited for may need this CPU)."""
     sched_yield = ll.declare(builder.module, "sched_yield", I32)
     entry = builder.block
     head = builder.append_basic_block("wait.head")
@@ -165,7 +171,7 @@ def _wait_while_equal(builder: ir.IRBuilder, word: ir.Value, value: ir.Value, ar
     rounds = builder.phi(I32)
     rounds.add_incoming(ir.Constant(I32, 0), entry)
     current = builder.load_atomic(word, "acquire", 4)
-    builder.cbranch(builder.icmp_signed("==", current, value), spin, done)
+    builder.cbranch(builder.icmp_signed("!=", current, value), spin, done)
     builder.position_at_end(spin)
     with builder.if_else(builder.icmp_signed("<", rounds, ir.Constant(I32, SPIN_PAUSES))) as (pause, give_up):
         with pause:
@@ -177,68 +183,78 @@ def _wait_while_equal(builder: ir.IRBuilder, word: ir.Value, value: ir.Value, ar
     builder.position_at_end(done)
 
 
-def emit_barrier(module: ir.Module, arch: str) -> ir.Function:
-    """`lowbit.barrier(i8* team, i32 threads)`: returns on every thread once all `threads` arrived.
-
-    A counter and a generation: the last to arrive resets the counter and bumps the generation the
-    others wait on. Sequentially consistent atomics: everything written before the barrier by any thread
-    is visible after it to all."""
-    existing = module.globals.get("lowbit.barrier")
-    if existing is not None:
-        return existing
-    fn = ir.Function(module, ir.FunctionType(VOID, [BYTE_PTR, I32]), "lowbit.barrier")
-    fn.linkage = "internal"
-    handle, threads = fn.args
-    builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    team = builder.bitcast(handle, TEAM.as_pointer())
-    arrived, generation = _field(builder, team, ARRIVED_FIELD), _field(builder, team, GENERATION_FIELD)
-    current = builder.load_atomic(generation, "seq_cst", 4)
-    before = builder.atomic_rmw("add", arrived, ir.Constant(I32, 1), "seq_cst")
-    last = builder.icmp_signed("==", builder.add(before, ir.Constant(I32, 1)), threads)
-    with builder.if_else(last) as (release, wait):
-        with release:
-            builder.store_atomic(ir.Constant(I32, 0), arrived, "seq_cst", 4)
-            builder.store_atomic(builder.add(current, ir.Constant(I32, 1)), generation, "seq_cst", 4)
-        with wait:
-            _wait_while_equal(builder, generation, current, arch)
-    builder.ret_void()
-    return fn
+def _counter(builder: ir.IRBuilder, counters: ir.Value, step: int, field: int) -> ir.Value:
+    return builder.gep(counters, [ir.Constant(I32, 0), ir.Constant(I32, step), ir.Constant(I32, field)])
 
 
-def emit_team_entry(module: ir.Module, name: str, params: Sequence[ir.PointerType], body: ir.Function,
-                    threads: int, arch: str) -> ir.Function:
-    """`void name(params...)` running `body(i8** args, i32 thread, i32 threads, i8* team)` on the calling
-    thread and `threads - 1` started ones; `args` holds the entry's parameters as i8*, `team` is what
-    `emit_barrier`'s barrier takes."""
+def _emit_schedule(builder: ir.IRBuilder, counters: ir.Value, steps: Sequence[Step], threads: int,
+                   arch: str) -> None:
+    """What every thread of the team runs: for each step, claim shares until none is left, running each
+    claimed one once the step before has finished all of its shares. A thread that claims nothing moves on
+    without waiting (whoever holds a share waits for the step before), so a late thread races through
+    finished steps; finishing a step implies every earlier one finished."""
+    shares = ir.Constant(I32, threads)
+    for index, step in enumerate(steps):
+        count = ir.Constant(I32, threads if step.parallel else 1)
+        head = builder.append_basic_block(f"step{index}.claim")
+        run = builder.append_basic_block(f"step{index}.run")
+        following = builder.append_basic_block(f"step{index}.end")
+        builder.branch(head)
+        builder.position_at_end(head)
+        claimed = builder.atomic_rmw("add", _counter(builder, counters, index, CLAIMED), ir.Constant(I32, 1),
+                                     "seq_cst")
+        builder.cbranch(builder.icmp_unsigned("<", claimed, count), run, following)
+        builder.position_at_end(run)
+        if index:  # once satisfied a single load: waiting again for the next share costs nothing
+            previous = ir.Constant(I32, threads if steps[index - 1].parallel else 1)
+            _wait_until_equal(builder, _counter(builder, counters, index - 1, DONE), previous, arch)
+        step.emit(builder, claimed, shares)
+        # seq_cst publishes the share's outputs to whoever then sees the step finished
+        builder.atomic_rmw("add", _counter(builder, counters, index, DONE), ir.Constant(I32, 1), "seq_cst")
+        builder.branch(head)
+        builder.position_at_end(following)
+
+
+def emit_team_entry(module: ir.Module, name: str, params: Sequence[ir.PointerType], threads: int, arch: str,
+                    prologue: Callable[[ir.IRBuilder, list[ir.Value]], list[Step]]) -> ir.Function:
+    """`void name(params...)` running the steps that `prologue(builder, params)` returns (after emitting,
+    at the start of the code every thread runs, what the steps share, such as loads from `params`) on the
+    calling thread and `threads - 1` threads started for the call."""
     fn = ir.Function(module, ir.FunctionType(VOID, params), name)
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    if threads <= 1:
+        one = ir.Constant(I32, 1)
+        for step in prologue(builder, list(fn.args)):
+            step.emit(builder, ir.Constant(I32, 0), one)
+        builder.ret_void()
+        return fn
+    # The run's state lives on the caller's stack: every argument as an i8*, then the steps' counters.
     args = builder.alloca(BYTE_PTR, len(params), name="args")
     for index, param in enumerate(fn.args):
         builder.store(builder.bitcast(param, BYTE_PTR), builder.gep(args, [ir.Constant(I32, index)]))
-    team = builder.alloca(TEAM, name="team")
-    team_handle = builder.bitcast(team, BYTE_PTR)
-    builder.store(args, _field(builder, team, 0))
-    for index in (GO_FIELD, ARRIVED_FIELD, GENERATION_FIELD):
-        builder.store(ir.Constant(I32, 0), _field(builder, team, index))
-    if threads <= 1:
-        builder.call(body, [args, ir.Constant(I32, 0), ir.Constant(I32, 1), team_handle])
+    body, steps = _emit_body(module, f"{name}.body", params, threads, arch, prologue)
+    if not steps:  # nothing to run: no team either
         builder.ret_void()
         return fn
-    worker = _emit_worker(module, f"{name}.worker", body, arch)
+    counters_type = ir.ArrayType(COUNTERS, len(steps))
+    team_type = ir.LiteralStructType([BYTE_PTR.as_pointer(), counters_type])
+    team = builder.alloca(team_type, name="team")
+    builder.store(args, builder.gep(team, [ir.Constant(I32, 0), ir.Constant(I32, 0)]))
+    counters = builder.gep(team, [ir.Constant(I32, 0), ir.Constant(I32, 1)])
+    builder.store(ir.Constant(counters_type, None), counters)
+    last = len(steps) - 1
+    finished = ir.Constant(I32, threads if steps[last].parallel else 1)
+    worker = _emit_worker(module, f"{name}.worker", body, team_type, finished)
     create = ll.declare(module, "pthread_create", I32, I64.as_pointer(), BYTE_PTR, worker.type, BYTE_PTR)
     join = ll.declare(module, "pthread_join", I32, I64, BYTE_PTR.as_pointer())
     handles = builder.alloca(I64, threads - 1, name="handles")  # pthread_t: unsigned long / a pointer
-    worker_args = builder.alloca(WORKER_ARG, threads - 1, name="worker_args")
+    team_handle = builder.bitcast(team, BYTE_PTR)
     started = builder.append_basic_block("started")
     with builder.goto_block(started):
         count = builder.phi(I32, "created")
     for t in range(1, threads):
-        slot = ir.Constant(I32, t - 1)
-        arg = builder.gep(worker_args, [slot])
-        builder.store(team, builder.gep(arg, [ir.Constant(I32, 0), ir.Constant(I32, 0)]))
-        builder.store(ir.Constant(I32, t), builder.gep(arg, [ir.Constant(I32, 0), ir.Constant(I32, 1)]))
-        status = builder.call(create, [builder.gep(handles, [slot]), ir.Constant(BYTE_PTR, None), worker,
-                                       builder.bitcast(arg, BYTE_PTR)])
+        status = builder.call(create, [builder.gep(handles, [ir.Constant(I32, t - 1)]),
+                                       ir.Constant(BYTE_PTR, None), worker, team_handle])
         count.add_incoming(ir.Constant(I32, t - 1), builder.block)  # this one failed: t - 1 started
         success = builder.append_basic_block(f"started{t}")
         builder.cbranch(builder.icmp_signed("==", status, ir.Constant(I32, 0)), success, started)
@@ -246,11 +262,10 @@ def emit_team_entry(module: ir.Module, name: str, params: Sequence[ir.PointerTyp
     count.add_incoming(ir.Constant(I32, threads - 1), builder.block)
     builder.branch(started)
     builder.position_at_end(started)
-    team_size = builder.add(count, ir.Constant(I32, 1))
-    builder.store(team_size, _field(builder, team, THREADS_FIELD))
-    builder.store_atomic(ir.Constant(I32, 1), _field(builder, team, GO_FIELD), "seq_cst", 4)
-    builder.call(body, [args, ir.Constant(I32, 0), team_size, team_handle])
+    builder.call(body, [args, builder.bitcast(counters, BYTE_PTR)])
 
+    # Every share is run by whoever claimed it before that thread exits, so once all are joined the run
+    # is complete (and no thread touches the team on this stack any more).
     def join_one(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
         b.call(join, [b.load(b.gep(handles, [i])), ir.Constant(BYTE_PTR.as_pointer(), None)])
         return carried
@@ -260,17 +275,34 @@ def emit_team_entry(module: ir.Module, name: str, params: Sequence[ir.PointerTyp
     return fn
 
 
-def _emit_worker(module: ir.Module, name: str, body: ir.Function, arch: str) -> ir.Function:
-    """`i8* name(i8* worker_arg)`: waits for the team's go, then runs its share of the body."""
+def _emit_body(module: ir.Module, name: str, params: Sequence[ir.PointerType], threads: int, arch: str,
+               prologue: Callable[[ir.IRBuilder, list[ir.Value]], list[Step]]) -> tuple[ir.Function, list[Step]]:
+    """`void name(i8** args, i8* counters)`, what every thread of the team runs, and its steps."""
+    body = ir.Function(module, ir.FunctionType(VOID, [BYTE_PTR.as_pointer(), BYTE_PTR]), name)
+    body.linkage = "internal"
+    builder = ir.IRBuilder(body.append_basic_block("entry"))
+    args, counters = body.args
+    steps = prologue(builder, [builder.bitcast(builder.load(builder.gep(args, [ir.Constant(I32, i)])), param)
+                               for i, param in enumerate(params)])
+    counters = builder.bitcast(counters, ir.ArrayType(COUNTERS, len(steps)).as_pointer())
+    _emit_schedule(builder, counters, steps, threads, arch)
+    builder.ret_void()
+    return body, steps
+
+
+def _emit_worker(module: ir.Module, name: str, body: ir.Function, team_type: ir.LiteralStructType,
+                 finished: ir.Constant) -> ir.Function:
+    """`i8* name(i8* team)`: runs the body, unless the run's last step already finished (a thread the OS
+    started late then only costs its join)."""
     fn = ir.Function(module, ir.FunctionType(BYTE_PTR, [BYTE_PTR]), name)
     fn.linkage = "internal"
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    arg = builder.bitcast(fn.args[0], WORKER_ARG.as_pointer())
-    team = builder.load(builder.gep(arg, [ir.Constant(I32, 0), ir.Constant(I32, 0)]))
-    thread = builder.load(builder.gep(arg, [ir.Constant(I32, 0), ir.Constant(I32, 1)]))
-    _wait_while_equal(builder, _field(builder, team, GO_FIELD), ir.Constant(I32, 0), arch)
-    threads = builder.load(_field(builder, team, THREADS_FIELD))
-    builder.call(body, [builder.load(_field(builder, team, 0)), thread, threads, builder.bitcast(team, BYTE_PTR)])
+    team = builder.bitcast(fn.args[0], team_type.as_pointer())
+    counters = builder.gep(team, [ir.Constant(I32, 0), ir.Constant(I32, 1)])
+    last = team_type.elements[1].count - 1
+    done = builder.load_atomic(_counter(builder, counters, last, DONE), "acquire", 4)
+    with builder.if_then(builder.icmp_unsigned("!=", done, finished)):
+        builder.call(body, [builder.load(builder.gep(team, [ir.Constant(I32, 0), ir.Constant(I32, 0)])),
+                            builder.bitcast(counters, BYTE_PTR)])
     builder.ret(ir.Constant(BYTE_PTR, None))
     return fn
-

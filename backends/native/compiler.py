@@ -2,8 +2,8 @@
 compiled in-process (JIT) and run with numpy arrays.
 
 With `num_threads` N > 1 a run is a team of N threads (`kernels.parallel`): the calling thread and N − 1
-started for the run. Parallel calls run on all of them, each its share of the kernel's outputs; other
-calls on the calling thread; a barrier separates calls unless both sides run on one thread. Starting
+started for the run. A parallel call is split in N shares of the kernel's outputs, a run of serial calls is
+one share; threads claim shares as they come, each call starting once the one before has finished. Starting
 threads costs tens of µs per run, so a model with less than `PARALLEL_MIN_MACS` multiply-accumulates in
 its products is compiled single-threaded whatever N is (`CompiledModel.threads` says what a run uses).
 """
@@ -28,9 +28,9 @@ from lowbit.backends.reference import check_feeds
 from lowbit.errors import LowbitError
 from lowbit.ir import Graph, verify
 from lowbit.kernels.copy import copy_kernel
-from lowbit.kernels.llvm import FFI, I32, JitModule, emit_object, new_module
+from lowbit.kernels.llvm import FFI, JitModule, emit_object, new_module
 from lowbit.kernels.packing import aligned_empty
-from lowbit.kernels.parallel import emit_barrier, emit_team_entry
+from lowbit.kernels.parallel import Step, emit_team_entry
 
 RUN = "lowbit_run"
 # Below this many multiply-accumulates in a model's products, starting threads for every run (≈ 10-30 µs)
@@ -76,43 +76,37 @@ class Program:
         self._emit_run()
 
     def _emit_run(self) -> None:
-        """`lowbit_run(inputs, outputs, arena, weights)`: the team entry around one body that every
-        thread of a run executes (`kernels.parallel.emit_team_entry`)."""
+        """`lowbit_run(inputs, outputs, arena, weights)`: the team entry (`kernels.parallel.emit_team_entry`)
+        over one step per parallel call and per run of serial calls."""
         pointer_array = BYTE_PTR.as_pointer()
-        body = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [pointer_array, I32, I32, BYTE_PTR]),
-                           f"{RUN}.body")
-        body.linkage = "internal"
-        args, thread, threads, team = body.args
-        builder = ir.IRBuilder(body.append_basic_block("entry"))
-        inputs, outputs, arena, weights = (builder.load(builder.gep(args, [ir.Constant(I32, i)])) for i in range(4))
-        inputs, outputs = builder.bitcast(inputs, pointer_array), builder.bitcast(outputs, pointer_array)
         i64 = ir.IntType(64)
-        barrier = emit_barrier(self.module, self.target.arch) if self.threads > 1 else None
 
-        def pointer(buffer: Buffer) -> ir.Value:
-            if buffer.kind in ("input", "output"):
-                table = inputs if buffer.kind == "input" else outputs
-                return builder.load(builder.gep(table, [ir.Constant(i64, buffer.index)]))
-            base = arena if buffer.kind == "arena" else weights
-            return builder.gep(base, [ir.Constant(i64, buffer.offset)])
+        def prologue(builder: ir.IRBuilder, params: list[ir.Value]) -> list[Step]:
+            inputs, outputs, arena, weights = params
 
-        first_thread = builder.icmp_unsigned("==", thread, ir.Constant(I32, 0))
-        for position, (serial, group) in enumerate(_runs(self.calls)):
-            if position and barrier is not None:  # runs alternate: one side of this border is parallel
-                builder.call(barrier, [team, threads])
-            if serial:
-                with builder.if_then(first_thread):
+            def pointer(b: ir.IRBuilder, buffer: Buffer) -> ir.Value:
+                if buffer.kind in ("input", "output"):
+                    table = inputs if buffer.kind == "input" else outputs
+                    return b.load(b.gep(table, [ir.Constant(i64, buffer.index)]))
+                base = arena if buffer.kind == "arena" else weights
+                return b.gep(base, [ir.Constant(i64, buffer.offset)])
+
+            def serial(group: list[Call]) -> Step:
+                def emit(b: ir.IRBuilder, share: ir.Value, shares: ir.Value) -> None:
                     for call in group:
-                        builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers])
-                continue
-            for index, call in enumerate(group):
-                if index and barrier is not None:
-                    builder.call(barrier, [team, threads])
-                builder.call(self.module.globals[call.function], [pointer(b) for b in call.buffers] + [
-                    thread, threads])
-        builder.ret_void()
-        emit_team_entry(self.module, RUN, [pointer_array, pointer_array, BYTE_PTR, BYTE_PTR], body, self.threads,
-                        self.target.arch)
+                        b.call(self.module.globals[call.function], [pointer(b, x) for x in call.buffers])
+                return Step(False, emit)
+
+            def parallel(call: Call) -> Step:
+                def emit(b: ir.IRBuilder, share: ir.Value, shares: ir.Value) -> None:
+                    b.call(self.module.globals[call.function], [pointer(b, x) for x in call.buffers] + [share, shares])
+                return Step(True, emit)
+
+            return [step for is_serial, group in _runs(self.calls)
+                    for step in ([serial(group)] if is_serial else [parallel(call) for call in group])]
+
+        emit_team_entry(self.module, RUN, [pointer_array, pointer_array, BYTE_PTR, BYTE_PTR], self.threads,
+                        self.target.arch, prologue)
 
 
 def _runs(calls: list[Call]) -> list[tuple[bool, list[Call]]]:

@@ -5,12 +5,13 @@ bit across thread counts (no reduction is ever split) and the reference within t
 parallel kernels are checked on random shapes of every route (int8 tiles, depthwise, wide int64; float
 im2col / implicit / transposed / depthwise convolutions; linear and matmul), with the size threshold under
 which a model stays single-threaded switched off so that small shapes run threaded too. Then: concurrent
-runs from Python threads, the threshold itself, the cache key, and an artifact built for two threads run
-from C.
+runs from Python threads, a team confined to one CPU, the threshold itself, the cache key, and an artifact
+built for two threads run from C.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -265,6 +266,34 @@ def test_concurrent_runs_from_python_threads(always_parallel) -> None:
     for worker in workers:
         worker.join()
     assert model.threads == 2 and not errors, errors
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+def test_runs_with_the_team_on_one_cpu(always_parallel) -> None:
+    """A caller pinned to one CPU (its started threads inherit that): a worker only runs when another thread
+    yields or is preempted, so shares go to whichever thread claims them first, and a worker may start
+    after the run's work is done. The results stay the reference's."""
+    graph = digits_graph("cnn", True, batch=4)
+    model = lowbit.compile(graph, num_threads=3)
+    feeds = digits_feeds("cnn", batch=4)
+    want = lowbit.run_reference(graph, feeds)
+    results: list[dict] = []
+    errors: list[BaseException] = []
+
+    def pinned() -> None:  # on its own Python thread: the affinity is this thread's only
+        try:
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+            results.extend(model.run(feeds) for _ in range(20))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    worker = threading.Thread(target=pinned)
+    worker.start()
+    worker.join()
+    assert model.threads == 3 and not errors and len(results) == 20, errors
+    for got in results:
+        for name, value in want.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 def test_small_models_stay_single_threaded(monkeypatch) -> None:
