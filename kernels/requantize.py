@@ -28,7 +28,6 @@ from lowbit.ir.dtypes import DType
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.llvm import F32, I32, I64, TargetSpec
 from lowbit.kernels.movement import collapse, loop_nest, new_kernel
-from lowbit.kernels.reduce import reduce_row
 
 TABLE_PADDING = 64  # zeros after every channel table: vector loads at the last channels stay inside it
 FLOAT_RANGE = float(1 << 40)  # quantize clamps x / scale to ±2^40 before converting (as the reference)
@@ -472,13 +471,88 @@ def requantize_body(signed: Sequence[bool], requant: Requant, product: bool = Fa
 
 
 # -- dynamic quantization -----------------------------------------------------------------------------
-def _extreme(builder: ir.IRBuilder, target: TargetSpec, x: ir.Value, count: int, order: str,
-             start: float) -> ir.Value:
-    lanes = ll.vector_lanes(target, F32)
-    value = reduce_row(builder, count, lanes, lambda b, offset, width: ll.load_vector(b, x, offset, width),
-                       lambda b, u, v: b.select(b.fcmp_ordered(order, u, v), u, v),
-                       lambda width: _splat(F32, start, width))
-    return builder.extract_element(value, ir.Constant(I32, 0))
+def _range(builder: ir.IRBuilder, target: TargetSpec, x: ir.Value, count: int) -> tuple[ir.Value, ir.Value]:
+    """(min(x, 0), max(x, 0)) of the `count` floats at x in one pass: both extremes per load, from zeros,
+    so the lanes past count that a last partial load fills with zeros change nothing."""
+    lanes, unroll = ll.vector_lanes(target, F32), 4
+    zeros = _splat(F32, 0.0, lanes)
+
+    def pick(b: ir.IRBuilder, order: str, u: ir.Value, v: ir.Value) -> ir.Value:
+        return b.select(b.fcmp_ordered(order, u, v), u, v)
+
+    def take(b: ir.IRBuilder, values: ir.Value, pair: list) -> list:
+        return [pick(b, "<", pair[0], values), pick(b, ">", pair[1], values)]
+
+    def block(b: ir.IRBuilder, i: ir.Value, accs: list) -> list:
+        base = b.mul(i, ir.Constant(I64, unroll * lanes))
+        loads = [ll.load_vector(b, x, b.add(base, ir.Constant(I64, j * lanes)), lanes) for j in range(unroll)]
+        return [v for j in range(unroll) for v in take(b, loads[j], accs[2 * j:2 * j + 2])]
+
+    blocks, offset = divmod(count, unroll * lanes)
+    accs = ll.static_loop(builder, blocks, "range", block, [zeros] * (2 * unroll)) if blocks else [zeros] * 2
+    low, high = accs[0::2], accs[1::2]
+    for _ in range(0, offset - offset % lanes, lanes):
+        low[0], high[0] = take(builder, ll.load_vector(builder, x, ir.Constant(I64, count - offset), lanes),
+                               [low[0], high[0]])
+        offset -= lanes
+    if offset:
+        low[0], high[0] = take(builder, ll.load_partial(builder, builder.gep(x, [ir.Constant(I64, count - offset)]),
+                                                        offset, lanes), [low[0], high[0]])
+
+    def reduce(order: str, values: list) -> ir.Value:
+        while len(values) > 1:
+            values = [pick(builder, order, values[k], values[k + 1]) for k in range(0, len(values), 2)]
+        value = ll.tree_reduce(builder, values[0], lambda b, u, v: pick(b, order, u, v))
+        return builder.extract_element(value, ir.Constant(I32, 0))
+
+    return reduce("<", low), reduce(">", high)
+
+
+def _exact_quotients(module: ir.Module, kind: ir.VectorType) -> ir.Function:
+    """`rint(x / scale)` lane by lane, out of line: LLVM would otherwise speculate the division into the
+    path that avoids it."""
+    name = f"lowbit.quotients.{kind.count}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(kind, [kind, F32]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("noinline")
+    x, scale = fn.args
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    builder.ret(ll.intrinsic(builder, "llvm.rint", builder.fdiv(x, ll.splat(builder, scale, kind.count))))
+    return fn
+
+
+def _rounded_quotients(builder: ir.IRBuilder, x: ir.Value, scale: ir.Value, inverse: ir.Value, usable: ir.Value
+                       ) -> ir.Value:
+    """rint(float32(x / scale)) for a vector x, mostly without dividing: y = x · float32(1 / scale), and
+    rint(y) where every lane of y is farther than |y|·2^-21 from the nearest half-integer; else the division.
+
+    Why that is exact: with `usable` (scale and its inverse normal), y = (x / scale)(1 + e1)(1 + e2) and
+    f = float32(x / scale) = (x / scale)(1 + e3), |e_i| ≤ 2^-24, so |y − f| < |y|·2^-22. When the distance
+    from y to the nearest half-integer (0.5 − |y − rint(y)|, computed exactly where it is below 0.25) is
+    larger, y and f lie in the same open interval between half-integers: rint(y) = rint(f), ties included.
+    A y that underflows is within 2^-149 of f and far from ±0.5; an infinite or NaN y fails the comparison
+    and takes the division."""
+    width = x.type.count
+    y = builder.fmul(x, ll.splat(builder, inverse, width))
+    rounded = ll.intrinsic(builder, "llvm.rint", y)
+    margin = builder.fsub(_splat(F32, 0.5, width), ll.intrinsic(builder, "llvm.fabs", builder.fsub(y, rounded)))
+    bound = builder.fmul(ll.intrinsic(builder, "llvm.fabs", y), _splat(F32, 2.0 ** -21, width))
+    lanes = builder.bitcast(builder.fcmp_ordered(">", margin, bound), ir.IntType(width))
+    safe = builder.and_(usable, builder.icmp_unsigned("==", lanes, ir.Constant(ir.IntType(width), (1 << width) - 1)))
+    start = builder.block
+    exact = builder.append_basic_block("quotient.exact")
+    join = builder.append_basic_block("quotient.join")
+    builder.cbranch(safe, join, exact)
+    builder.position_at_end(exact)
+    divided = builder.call(_exact_quotients(builder.module, x.type), [x, scale])
+    builder.branch(join)
+    builder.position_at_end(join)
+    result = builder.phi(x.type)
+    result.add_incoming(rounded, start)
+    result.add_incoming(divided, exact)
+    return result
 
 
 def emit_dynamic_quantize(builder: ir.IRBuilder, target: TargetSpec, x: ir.Value, count: int,
@@ -486,23 +560,31 @@ def emit_dynamic_quantize(builder: ir.IRBuilder, target: TargetSpec, x: ir.Value
     """ONNX DynamicQuantizeLinear of the `count` floats at `x` (f32*) into u8 at `q` (i8*), as the reference's
     `dynamic_quantize`: the range widened to include 0, scale = (max − min) / 255 in float32 (1 for an
     all-zero tensor), zero point = clamp(round_half_even(−min / scale), 0, 255). Returns (scale, zero
-    point) as f32 and i64 scalars."""
+    point) as f32 and i64 scalars.
+
+    The values are clamped in float32 after the zero point is added: rint(x / scale) + zp is exact below
+    2^24 in magnitude, and beyond it clamps to the same end as the reference's int64 sum; NaN becomes 0
+    (the ordered comparisons fail), as there. Then a 32-bit conversion suffices."""
     zero = ir.Constant(F32, 0.0)
-    low = _extreme(builder, target, x, count, "<", float("inf"))
-    high = _extreme(builder, target, x, count, ">", float("-inf"))
-    low = builder.select(builder.fcmp_ordered("<", low, zero), low, zero)
-    high = builder.select(builder.fcmp_ordered(">", high, zero), high, zero)
+    low, high = _range(builder, target, x, count)
     scale = builder.fdiv(builder.fsub(high, low), ir.Constant(F32, 255.0))
     scale = builder.select(builder.fcmp_ordered(">", high, low), scale, ir.Constant(F32, 1.0))
     ratio = ll.intrinsic(builder, "llvm.rint", builder.fdiv(builder.fneg(low), scale))
     ratio = builder.select(builder.fcmp_ordered(">", ratio, zero), ratio, zero)
     ratio = builder.select(builder.fcmp_ordered("<", ratio, ir.Constant(F32, 255.0)), ratio, ir.Constant(F32, 255.0))
     zero_point = builder.fptosi(ratio, I64)
-    body = quantize_body(DType.u8, 0, 255)
+
+    inverse = builder.fdiv(ir.Constant(F32, 1.0), scale)
+    usable = builder.and_(builder.fcmp_ordered(">=", scale, ir.Constant(F32, 2.0 ** -125)),
+                          builder.fcmp_ordered("<=", scale, ir.Constant(F32, 2.0 ** 125)))
 
     def step(b: ir.IRBuilder, index: ir.Value, width: int) -> None:
-        values = [ll.load_vector(b, x, index, width), ll.splat(b, scale, width), ll.splat(b, zero_point, width)]
-        ll.store_vector(b, body(b, values, width), q, index)
+        quotients = _rounded_quotients(b, ll.load_vector(b, x, index, width), scale, inverse, usable)
+        shifted = b.fadd(quotients, ll.splat(b, ratio, width))
+        floor, top = _splat(F32, 0.0, width), _splat(F32, 255.0, width)
+        shifted = b.select(b.fcmp_ordered(">=", shifted, floor), shifted, floor)
+        shifted = b.select(b.fcmp_ordered("<=", shifted, top), shifted, top)
+        ll.store_vector(b, b.trunc(b.fptosi(shifted, ll.vector(I32, width)), ll.vector(ll.I8, width)), q, index)
 
     ll.strip_mine(builder, ir.Constant(I64, 0), count, max(target.vector_bytes // 4, 4), "quantize", step)
     return scale, zero_point

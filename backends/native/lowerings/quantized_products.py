@@ -12,10 +12,16 @@ Route choice, per node:
   (Cin/group·kh·kw ≤ 32) take `kernels.qconv_small` on VNNI targets, AMX or not: tiles would waste most
   of each K step.
 * depthwise convolutions run directly (`kernels.qconv`), in int32 or int64 lanes by the bound.
-* everything else (16-bit activations, deep int64 accumulators, weights that do not centre into int8,
-  dynamic_matmul) takes the exact wide route (`kernels.gemm_wide`, int64 lanes).
+* qmatmul and dynamic_matmul (two run-time operands) take `kernels.runtime_products` under the same
+  conditions: AMX tiles when the product has 16 rows and 16 columns, else the register tiles of the
+  int8 route for run-time B (`gemm_int8.runtime_route`); B is packed per call, the zero-point terms are
+  row and column sums (run-time values for dynamic_matmul, whose u8 operands bound |acc| by K·255²).
+  dynamic_linear takes AMX or the int8 tiles like qlinear, after quantizing x at run time.
+* everything else (16-bit activations, deep int64 accumulators, weights that do not centre into int8)
+  takes the exact wide route (`kernels.gemm_wide`, int64 lanes).
 The epilogue requantizes (or scales, for dynamic quantization) straight from the accumulators; qconv2d's
-with `kernels.fast_requant` (even/odd int64 lanes) where the accumulator bounds make that exact.
+(and single-scale qmatmul's) with `kernels.fast_requant` (even/odd int64 lanes) where the
+accumulator bounds make that exact.
 """
 from __future__ import annotations
 
@@ -29,18 +35,17 @@ from lowbit.backends.native.lowerings.quantized import requant_of
 from lowbit.backends.native.sparse_selection import lower_sparse_qlinear
 from lowbit.errors import ShapeError, UnsupportedOpError
 from lowbit.ir import DType, Node, constant_value, quant_math
-from lowbit.kernels import gemm_amx, qconv_amx, qconv_small
+from lowbit.kernels import gemm_amx, qconv_amx, qconv_small, runtime_products
 from lowbit.kernels import llvm as ll
-from lowbit.kernels.gemm_int8 import (GemmPlan, TileEmitter, activation_shift, choose_route, emit_pack_a,
-                                      emit_pack_b_panel, emit_plan_pack_a, emit_shared_panels, plan_gemm,
-                                      runtime_route, weight_shift)
+from lowbit.kernels.gemm_int8 import (GemmPlan, TileEmitter, activation_shift, choose_route, emit_plan_pack_a,
+                                      emit_shared_panels, plan_gemm)
 from lowbit.kernels.fast_requant import PairedEpilogue
 from lowbit.kernels.gemm_wide import Side, emit_wide_gemm
 from lowbit.kernels.llvm import F32, I8, I32, I64
 from lowbit.kernels.movement import loop_nest, new_kernel
-from lowbit.kernels.packing import column_panels, column_sums
+from lowbit.kernels.packing import column_sums
 from lowbit.kernels.gemm_f32 import batch_offset
-from lowbit.kernels.parallel import chunk_bounds, for_units, new_parallel_kernel, share, split_rows, thread_scratch
+from lowbit.kernels.parallel import new_parallel_kernel, share, split_rows, thread_scratch
 from lowbit.kernels.qconv import (ConvShape, FastConv, depthwise_scratch_bytes, emit_depthwise, emit_fast_conv,
                                   emit_wide_conv, pack_weight_rows, wide_scratch_bytes)
 from lowbit.kernels.reduce import reduce_row
@@ -327,9 +332,14 @@ def _column_table(module: ir.Module, name: str, values, element=I64) -> ir.Value
     return ll.global_table(module, name, element, list(values) + [0] * 64)
 
 
-def _row_sums(builder: ir.IRBuilder, target, a: ir.Value, signed: bool, rows: int, k: int, coefficient: int,
-              out: ir.Value) -> None:
-    """out[m] = coefficient · Σ_k a[m, k] (int32, wrapping) for 8-bit rows of A."""
+def _i32(value: int | ir.Value) -> ir.Value:
+    return value if isinstance(value, ir.Value) else ir.Constant(I32, value)
+
+
+def _row_sums(builder: ir.IRBuilder, target, a: ir.Value, signed: bool, rows: int, k: int,
+              coefficient: int | ir.Value, out: ir.Value) -> None:
+    """out[m] = coefficient · Σ_k a[m, k] (int32, wrapping) for 8-bit rows of A; the coefficient a constant or
+    a run-time i32."""
     lanes = ll.vector_lanes(target, I32)
     typed = builder.bitcast(a, I8.as_pointer())
 
@@ -342,16 +352,17 @@ def _row_sums(builder: ir.IRBuilder, target, a: ir.Value, signed: bool, rows: in
 
         total = reduce_row(b, k, lanes, load, lambda b2, u, v: b2.add(u, v),
                            lambda width: ir.Constant(ll.vector(I32, width), None))
-        total = b.mul(b.extract_element(total, ir.Constant(I32, 0)), ir.Constant(I32, coefficient))
+        total = b.mul(b.extract_element(total, ir.Constant(I32, 0)), _i32(coefficient))
         b.store(total, b.gep(out, [m]))
         return carried
 
     ll.static_loop(builder, rows, "rowsum", row)
 
 
-def _column_sums(builder: ir.IRBuilder, target, b_matrix: ir.Value, signed: bool, k: int, n: int, coefficient: int,
-                 out: ir.Value) -> None:
-    """out[n] = coefficient · Σ_k B[k, n] (int32, wrapping) for an 8-bit row-major B."""
+def _column_sums(builder: ir.IRBuilder, target, b_matrix: ir.Value, signed: bool, k: int, n: int,
+                 coefficient: int | ir.Value, out: ir.Value, addend: ir.Value | None = None) -> None:
+    """out[n] = coefficient · Σ_k B[k, n] (+ addend) (int32, wrapping) for an 8-bit row-major B; coefficient and
+    addend constants or run-time i32."""
     lanes = ll.vector_lanes(target, I32)
     typed = builder.bitcast(b_matrix, I8.as_pointer())
 
@@ -361,108 +372,85 @@ def _column_sums(builder: ir.IRBuilder, target, b_matrix: ir.Value, signed: bool
             return [b2.add(carried[0], (b2.sext if signed else b2.zext)(values, ll.vector(I32, width)))]
 
         total, = ll.counted_loop(b, ir.Constant(I64, k), "k", [ir.Constant(ll.vector(I32, width), None)], add)
-        scaled = b.mul(total, ir.Constant(total.type, [coefficient] * width))
+        scaled = b.mul(total, ll.splat(b, _i32(coefficient), width))
+        if addend is not None:
+            scaled = b.add(scaled, ll.splat(b, addend, width))
         ll.store_vector(b, scaled, out, column)
 
     ll.strip_mine(builder, ir.Constant(I64, 0), n, lanes, "colsum", chunk)
 
 
-def _matmul_fast(ctx: LowerContext, node: Node) -> None:
+def _amx_product(node: Node, signed: tuple[bool, bool] | None = None) -> runtime_products.AmxProduct:
+    a, b = node.inputs[0].type, node.inputs[1].type
+    signed = signed or (a.dtype.is_signed, b.dtype.is_signed)
+    return runtime_products.AmxProduct(*a.shape[-2:], b.shape[-1], *signed)
+
+
+def _batch_count(node: Node) -> int:
+    return math.prod(_batch(node)[0])
+
+
+def _operands(node: Node, pointers: list[ir.Value], divisors: tuple[int, int, int] = (1, 1, 1)):
+    """(builder, batch index) -> a, b, out of that index (`runtime_products.Operands`); byte strides divided
+    by `divisors` (dynamic_matmul's quantized copies keep its float operands' layouts)."""
+    batch, strides = _batch(node)
+    strides = [tuple(s // d for s in axis) for axis, d in zip(strides, divisors)]
+    return lambda bld, index: [bld.gep(p, [batch_offset(bld, index, batch, s)]) for p, s in zip(pointers, strides)]
+
+
+def _matmul_int32(ctx: LowerContext, node: Node, bound: int, amx: bool) -> None:
+    """qmatmul on AMX tiles or the int8 routes' register tiles (`kernels.runtime_products`): raw products of
+    the operands as the tiles read them (shifted by sa, sb on the register tiles; none on AMX), then
+    −(zb + sb)·Σa (rows), −(za + sa)·Σb (columns) and K·(za·zb − sa·sb) (compile-time offsets)."""
     a, b = node.inputs[0].type, node.inputs[1].type
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    route = runtime_route(ctx.target)
-    mr, vectors = route.tile(ctx.target)
-    shift_a, shift_b = activation_shift(route, a.dtype), weight_shift(route, b.dtype)
+    product = _amx_product(node) if amx else \
+        runtime_products.TileProduct.plan(ctx.target, m, k, n, a.dtype, b.dtype)
+    shift_a, shift_b = (0, 0) if amx else (product.shift_a, product.shift_b)
+    lanes = gemm_amx.TILE if amx else product.route.lanes
     za = a.quant.zero_point[0]
     zb = np.broadcast_to(np.asarray(b.quant.zero_point, np.int64), (n,))
     big_za, big_zb = za + shift_a, zb + shift_b
     constant = k * (za * zb - shift_a * shift_b)
-    requant, out_bytes = requant_of(node), _out_bytes(node)
-    groups = -(-k // route.kr)
-    packs_a = shift_a != 0 or route.bits != 8 or k % route.kr != 0
-    row_bytes = -(-groups * route.group_bytes // 64) * 64
-    panels = column_panels(n, route.lanes, vectors)
-    width = vectors * route.lanes
     need_rows, need_cols = bool(big_zb.any()), big_za != 0
     uniform_zb = len(set(big_zb.tolist())) == 1
-    corrections = Corrections(_wrap32(constant) if constant.any() else None, need_cols, need_rows,
+    # a constant that is one value joins the column sums when there are any (one addition less per vector)
+    folded = need_cols and uniform_zb
+    corrections = Corrections(_wrap32(constant) if constant.any() and not folded else None, need_cols, need_rows,
                               None if uniform_zb else _wrap32(-big_zb))
-    sizes = [m * row_bytes if packs_a else 0, groups * width * route.group_bytes, 4 * m + 64, 4 * n + 256]
-    starts = np.cumsum([0] + [-(-size // 64) * 64 for size in sizes]).tolist()
+    requant = requant_of(node)
+    # one requantization for the whole tensor: the paired sequence of `fast_requant` (written for channels
+    # along rows; here every table holds one value)
+    single = len(requant.multipliers) == 1 and len(requant.shifts) == 1 and uniform_zb
 
-    batch, strides = _batch(node)
-    full = sum(p.valid == width for p in panels)  # all but an edge panel
-    chunk = split_rows(m, mr, math.prod(batch) * len(panels), ctx.num_threads)
+    def sums(bld: ir.IRBuilder, a_t: ir.Value, b_t: ir.Value, rows: ir.Value, cols: ir.Value) -> None:
+        if need_cols:
+            _column_sums(bld, ctx.target, b_t, b.dtype.is_signed, k, n, -int(big_za), cols,
+                         ir.Constant(I32, _wrap32(constant[:1])[0]) if folded else None)
+        if need_rows:
+            _row_sums(bld, ctx.target, a_t, a.dtype.is_signed, m, k, -int(big_zb[0]) if uniform_zb else 1, rows)
 
     def build(module: ir.Module, name: str) -> ir.Function:
-        """Threads share units (batch index, column panel, row chunk), each packing A, the sums and B's
-        panels of its units into its own scratch."""
         fn, builder, thread, threads = new_parallel_kernel(module, name, 4)
         a_ptr, b_ptr, out, scratch = fn.args[:4]
-        own = thread_scratch(builder, scratch, thread, starts[-1])
-        packed_a, panel, rows, cols = (builder.gep(own, [ir.Constant(I64, start)]) for start in starts[:4])
-        rows, cols = builder.bitcast(rows, I32.as_pointer()), builder.bitcast(cols, I32.as_pointer())
-        epilogue = ProductEpilogue(module, name, route.lanes, n, "col", requant, corrections)
-        tiles = TileEmitter(module, name, route, groups, mr, epilogue, aligned=False)
-        pack = emit_pack_a(module, f"{name}.pack_a", route, k, shift_a, a.dtype.is_signed, row_bytes) if packs_a \
-            else None
-        pack_b = {shape: emit_pack_b_panel(module, f"{name}.pack_b{shape[1]}", route, k, shift_b, b.dtype.is_signed,
-                                           shape[1], shape[0] * route.lanes)
-                  for shape in {(p.vectors, p.valid) for p in panels}}
-
-        lhs, lda = (packed_a, ir.Constant(I64, row_bytes)) if pack is not None else (None, ir.Constant(I64, k))
-        sums = ([cols] if need_cols else []) + ([rows] if need_rows else [])
-
-        def at(bld: ir.IRBuilder, index: ir.Value) -> list[ir.Value]:
-            """a, b and out of batch index `index`."""
-            return [bld.gep(p, [batch_offset(bld, index, batch, s)]) for p, s in zip((a_ptr, b_ptr, out), strides)]
-
-        def prepare(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
-            a_t, b_t, _ = at(bld, indices[0])
-            if pack is not None:
-                bld.call(pack, [a_t, ir.Constant(I64, k), ir.Constant(I64, m), packed_a])
-            if need_cols:
-                _column_sums(bld, ctx.target, b_t, b.dtype.is_signed, k, n, -int(big_za), cols)
-            if need_rows:
-                _row_sums(bld, ctx.target, a_t, a.dtype.is_signed, m, k, -int(big_zb[0]) if uniform_zb else 1, rows)
-
-        def by_panel(bld: ir.IRBuilder, index: ir.Value, visit) -> None:
-            """visit(builder, panel shape, its first column) for panel number `index`."""
-            edge = panels[-1]
-            if full == len(panels):
-                visit(bld, panels[0], bld.mul(index, ir.Constant(I64, width)))
-                return
-            if full == 0:
-                visit(bld, edge, ir.Constant(I64, edge.start))
-                return
-            with bld.if_else(bld.icmp_unsigned("<", index, ir.Constant(I64, full))) as (whole, last):
-                with whole:
-                    visit(bld, panels[0], bld.mul(index, ir.Constant(I64, width)))
-                with last:
-                    visit(bld, edge, ir.Constant(I64, edge.start))
-
-        def pack_panel(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
-            b_t = at(bld, indices[0])[1]
-            by_panel(bld, indices[1], lambda b2, p, column: b2.call(pack_b[(p.vectors, p.valid)], [
-                b2.gep(b_t, [column]), ir.Constant(I64, n), panel]))
-
-        def unit(bld: ir.IRBuilder, indices: list[ir.Value]) -> None:
-            index, panel_index, part = indices
-            a_t, _, out_t = at(bld, index)
-            first, count = chunk_bounds(bld, part, chunk, m)
-            by_panel(bld, panel_index, lambda b2, p, column: tiles.run_panel(
-                b2, a_t if lhs is None else lhs, lda, count, panel, column, p.vectors, p.valid,
-                [out_t, ir.Constant(I64, 0), *sums], first))
-
-        for_units(builder, thread, threads, [math.prod(batch), len(panels), -(-m // chunk)], "unit", unit,
-                  {0: prepare, 1: pack_panel})
+        epilogue = PairedEpilogue(module, name, lanes, n, "row", requant, corrections, bound=bound) if single \
+            else ProductEpilogue(module, name, lanes, n, "col", requant, corrections)
+        common = (builder, name, product, _batch_count(node), _operands(node, [a_ptr, b_ptr, out]), sums,
+                  thread_scratch(builder, scratch, thread, product.scratch_bytes), epilogue,
+                  lambda out_t, rows, cols: [out_t, ir.Constant(I64, 0)] + [cols] * need_cols + [rows] * need_rows,
+                  thread, threads)
+        if amx:
+            runtime_products.emit_amx_product(*common)
+        else:
+            runtime_products.emit_tile_product(*common, ctx.num_threads)
         builder.ret_void()
         return fn
 
-    key = ("qmatmul", a.shape, b.shape, a.dtype, b.dtype, za, tuple(zb.tolist()), requant, route.name)
+    key = ("qmatmul", a.shape, b.shape, a.dtype, b.dtype, za, tuple(zb.tolist()), requant,
+           "amx" if amx else product.route.name)
     ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.operand(1), ctx.result(0),
-                                      ctx.scratch(starts[-1], per_thread=True)], parallel=True)
+                                      ctx.scratch(product.scratch_bytes, per_thread=True)], parallel=True)
 
 
 def _matmul_wide(ctx: LowerContext, node: Node) -> None:
@@ -497,7 +485,7 @@ def lower_qmatmul(ctx: LowerContext, node: Node) -> None:
     a, b = node.inputs[0].type, node.inputs[1].type
     bound = quant_math.accumulator_bound(a.dtype, a.quant.zero_point, b.dtype, b.quant.zero_point, a.shape[-1])
     if a.dtype in EIGHT_BIT and b.dtype in EIGHT_BIT and bound < INT32_LIMIT:
-        _matmul_fast(ctx, node)
+        _matmul_int32(ctx, node, bound, gemm_amx.worth(ctx.target, a.shape[-2], b.shape[-1]))
     else:
         _matmul_wide(ctx, node)
 
@@ -518,21 +506,24 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
     rows, count = math.prod(x.shape[:-1]), x.size
     centred, has_bias = _centred_weights(node), _has(node, 2)
     w_scales = np.broadcast_to(np.asarray(node.inputs[1].type.quant.scale, np.float32), (n,))
-    plan = None
-    if _int8_ok(centred):
-        try:
+    amx, plan = None, None
+    try:  # (a ShapeError: the int32 accumulator could overflow, the wide route)
+        if _int8_ok(centred) and gemm_amx.worth(ctx.target, rows, n):
+            amx = gemm_amx.plan_amx(np.ascontiguousarray(centred.T).astype(np.int8), DType.u8)
+        elif _int8_ok(centred):
             plan = plan_gemm(np.ascontiguousarray(centred.T).astype(np.int8), DType.u8, ctx.target)
-        except ShapeError:  # the int32 accumulator could overflow: the wide route
-            plan = None
-    lanes = plan.route.lanes if plan is not None else _lanes(ctx)
-    row_bytes = plan.packed_row_bytes if plan is not None and plan.packs_a else 0
+    except ShapeError:
+        pass
+    lanes = gemm_amx.TILE if amx is not None else plan.route.lanes if plan is not None else _lanes(ctx)
+    int8 = amx or plan
+    row_bytes = int8.packed_row_bytes if int8 is not None and int8.packs_a else 0
     sizes = [count, rows * row_bytes, 4 * n + 256, 4 * n + 256]
     starts = np.cumsum([0] + [-(-size // 64) * 64 for size in sizes]).tolist()
     sums = column_sums(centred.T)
 
     def build(module: ir.Module, name: str) -> ir.Function:
-        """Every thread quantizes x (and packs it) into its own scratch; threads share the int8 route's
-        (panel, row chunk) units; the wide route runs on thread 0."""
+        """Every thread quantizes x (and packs it) into its own scratch; threads share the AMX route's column
+        blocks or the int8 route's (panel, row chunk) units; the wide route runs on thread 0."""
         fn, builder, thread, threads = new_parallel_kernel(module, name, 4 + has_bias)
         xs, w, *rest, scratch = fn.args[:4 + has_bias]
         own = thread_scratch(builder, scratch, thread, starts[-1])
@@ -552,7 +543,13 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
 
         ll.strip_mine(builder, ir.Constant(I64, 0), n, ll.vector_lanes(ctx.target, F32), "column", column)
         args = [rest[-1], factors, *rest[:-1]]  # out, factors, [bias]
-        if plan is not None:
+        if amx is not None:
+            epilogue = FloatEpilogue(module, name, lanes, n, Corrections(col_sums=True), False, has_bias)
+            blocks = -(-n // (gemm_amx.BLOCK * gemm_amx.TILE))
+            gemm_amx.emit_amx_linear(builder, amx, name, q, ir.Constant(I64, k), ir.Constant(I64, rows), packed, w,
+                                     epilogue, [*args, ir.Constant(I64, 0), corrections],
+                                     share(builder, thread, threads, blocks))
+        elif plan is not None:
             epilogue = FloatEpilogue(module, name, lanes, n, Corrections(
                 _wrap32(plan.offset[:n]) if plan.offset is not None else None, col_sums=True), False, has_bias)
             a, lda = q, ir.Constant(I64, k)
@@ -571,7 +568,10 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
         builder.ret_void()
         return fn
 
-    if plan is not None:
+    if amx is not None:
+        weights = ctx.constant(amx.data, "dynamic_linear weights")
+        key = ("dynamic_linear.amx", x.shape, n, sums.tobytes(), tuple(w_scales.tolist()), has_bias)
+    elif plan is not None:
         weights = ctx.constant(plan.weights.data, "dynamic_linear weights")
         key = ("dynamic_linear", x.shape, n, plan.route.name, plan.mr, plan.offset.tobytes() if plan.offset is not None
                else None, sums.tobytes(), tuple(w_scales.tolist()), has_bias)
@@ -583,13 +583,68 @@ def lower_dynamic_linear(ctx: LowerContext, node: Node) -> None:
                                       ctx.scratch(starts[-1], per_thread=True)], parallel=True)
 
 
+def _dynamic_matmul_int32(ctx: LowerContext, node: Node, amx: bool) -> None:
+    """dynamic_matmul on AMX tiles or the int8 routes' register tiles (`kernels.runtime_products`): every
+    thread quantizes both operands into its own scratch (the scales are reductions over whole tensors), then
+    threads share the product's units. The raw sums of the u8 copies (converted by the route's shifts
+    sa, sb; none on AMX) are corrected by −(zb + sb)·Σa (rows) and −(za + sa)·Σb + K·(za·zb − sa·sb)
+    (columns), run-time values."""
+    a, b = node.inputs[0].type, node.inputs[1].type
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    product = _amx_product(node, (False, False)) if amx else \
+        runtime_products.TileProduct.plan(ctx.target, m, k, n, DType.u8, DType.u8)
+    shift_a, shift_b = (0, 0) if amx else (product.shift_a, product.shift_b)
+    lanes = gemm_amx.TILE if amx else product.route.lanes
+    starts = np.cumsum([0] + [-(-size // 64) * 64 for size in (a.size, b.size, 64, product.scratch_bytes)]).tolist()
+
+    def build(module: ir.Module, name: str) -> ir.Function:
+        fn, builder, thread, threads = new_parallel_kernel(module, name, 4)
+        a_ptr, b_ptr, out, scratch = fn.args[:4]
+        own = thread_scratch(builder, scratch, thread, starts[-1])
+        qa, qb, factor, rest = (builder.gep(own, [ir.Constant(I64, s)]) for s in starts[:4])
+        sa, za = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(a_ptr, F32.as_pointer()), a.size, qa)
+        sb, zb = emit_dynamic_quantize(builder, ctx.target, builder.bitcast(b_ptr, F32.as_pointer()), b.size, qb)
+        builder.store(builder.fmul(sa, sb), builder.bitcast(factor, F32.as_pointer()))
+        za, zb = builder.trunc(za, I32), builder.trunc(zb, I32)
+        constant = builder.mul(builder.sub(builder.mul(za, zb), ir.Constant(I32, shift_a * shift_b)),
+                               ir.Constant(I32, k))
+        epilogue = FloatEpilogue(module, name, lanes, n, Corrections(col_sums=True, row_sums=True), True, False)
+
+        def sums(bld: ir.IRBuilder, a_t: ir.Value, b_t: ir.Value, rows: ir.Value, cols: ir.Value) -> None:
+            _column_sums(bld, ctx.target, b_t, False, k, n, bld.neg(bld.add(za, ir.Constant(I32, shift_a))), cols,
+                         constant)
+            _row_sums(bld, ctx.target, a_t, False, m, k, bld.neg(bld.add(zb, ir.Constant(I32, shift_b))), rows)
+
+        # the quantized copies keep the operands' layouts: their byte strides are the f32 ones / 4
+        common = (builder, name, product, _batch_count(node), _operands(node, [qa, qb, out], (4, 4, 1)), sums, rest,
+                  epilogue, lambda out_t, rows, cols: [out_t, factor, ir.Constant(I64, 0), cols, rows], thread,
+                  threads)
+        if amx:
+            runtime_products.emit_amx_product(*common)
+        else:
+            runtime_products.emit_tile_product(*common, ctx.num_threads)
+        builder.ret_void()
+        return fn
+
+    key = ("dynamic_matmul.int32", a.shape, b.shape, "amx" if amx else product.route.name)
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.operand(1), ctx.result(0),
+                                      ctx.scratch(starts[-1], per_thread=True)], parallel=True)
+
+
 @lowering("dynamic_matmul")
 def lower_dynamic_matmul(ctx: LowerContext, node: Node) -> None:
-    """Both operands quantized at run time; the exact wide route, then float32(acc) · float32(sa·sb)."""
+    """Both operands quantized at run time (u8, run-time zero points), the integer product, then
+    float32(acc) · float32(sa·sb). |acc| ≤ K·255² whatever the zero points: below 2^31, the int32 routes are
+    exact; deeper products take the wide route (int64 lanes)."""
     _require_f32(node, 0, 1)
     a, b = node.inputs[0].type, node.inputs[1].type
     m, k = a.shape[-2:]
     n = b.shape[-1]
+    bound = quant_math.accumulator_bound(DType.u8, (0, 255), DType.u8, (0, 255), k)
+    if bound < INT32_LIMIT:
+        _dynamic_matmul_int32(ctx, node, gemm_amx.worth(ctx.target, m, n))
+        return
     lanes = _lanes(ctx)
     starts = np.cumsum([0] + [-(-size // 64) * 64 for size in (a.size, b.size, 64)]).tolist()
 
