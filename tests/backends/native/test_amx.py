@@ -25,7 +25,7 @@ from lowbit.kernels.qconv import ConvShape
 sys.path.insert(0, str(Path(__file__).parent))  # test_quantized: the product graphs and digits models
 sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent / "e2e"))  # the e2e model builders
 from model_builders import resnet18  # noqa: E402
-from test_quantized import DATA, _quantized, activation_type, product_graph  # noqa: E402
+from test_quantized import DATA, _quantized, activation_type, conv_graph, product_graph  # noqa: E402
 
 AMX = "x86_64-amx"
 
@@ -81,18 +81,9 @@ def conv_cases(draw) -> dict:
 @settings(max_examples=25, deadline=None)
 @given(conv_cases())
 def test_qconv2d_on_tiles(amx: Target, case: dict) -> None:
-    rng = np.random.default_rng(case["seed"])
-    kernel, dilations, pads, strides = case["kernel"], case["dilations"], case["pads"], case["strides"]
-    size = tuple(max(s, d * (k - 1) + 1 - p - q) for s, d, k, p, q in
-                 zip(case["size"], dilations, kernel, pads[:2], pads[2:]))
-    out = tuple((s + p + q - d * (k - 1) - 1) // st_ + 1 for s, p, q, d, k, st_ in
-                zip(size, pads[:2], pads[2:], dilations, kernel, strides))
-    x_type = activation_type(rng, (case["batch"], case["channels"]) + size, case["dtype"], False)
-    w_shape = (case["m"], case["channels"] // case["group"]) + kernel
-    graph, feeds = product_graph("qconv2d", rng, x_type, w_shape, case["weights"], case["bias"],
-                                 (case["batch"], case["m"]) + out if case["residual"] else None, case["out"],
-                                 case["clamp"], strides=strides, pads=pads, dilations=dilations, group=case["group"])
-    reduction = w_shape[1] * kernel[0] * kernel[1]  # (tiny ones take qconv_small)
+    graph, feeds, _, out = conv_graph(case)
+    kernel = case["kernel"]
+    reduction = case["channels"] // case["group"] * kernel[0] * kernel[1]  # (tiny ones take qconv_small)
     if out[0] * out[1] >= gemm_amx.MIN_SIDE and case["weights"] != "asymmetric" and reduction > MAX_REDUCTION:
         assert uses_amx(graph, amx)  # (asymmetric weights may not centre into int8)
     check_threads(graph, feeds, amx)

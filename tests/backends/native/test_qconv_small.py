@@ -21,7 +21,7 @@ from lowbit.kernels.llvm import check_runs_here
 from lowbit.kernels.qconv import ConvShape
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_quantized import activation_type, product_graph  # noqa: E402
+from test_quantized import activation_type, conv_graph, product_graph  # noqa: E402
 
 TARGETS = ("x86_64-amx", "x86_64-avx512vnni", "x86_64-avxvnni")
 
@@ -59,17 +59,8 @@ def small_cases(draw) -> dict:
 @given(small_cases())
 def test_small_reduction_convolutions(case: dict) -> None:
     target = _target(case["target"])
-    rng = np.random.default_rng(case["seed"])
+    graph, feeds, size, _ = conv_graph(case)
     kernel, dilations, pads, strides = case["kernel"], case["dilations"], case["pads"], case["strides"]
-    size = tuple(max(s, d * (k - 1) + 1 - p - q) for s, d, k, p, q in
-                 zip(case["size"], dilations, kernel, pads[:2], pads[2:]))
-    out = tuple((s + p + q - d * (k - 1) - 1) // st_ + 1 for s, p, q, d, k, st_ in
-                zip(size, pads[:2], pads[2:], dilations, kernel, strides))
-    x_type = activation_type(rng, (case["batch"], case["channels"]) + size, case["dtype"], False)
-    w_shape = (case["m"], case["channels"] // case["group"]) + kernel
-    graph, feeds = product_graph("qconv2d", rng, x_type, w_shape, case["weights"], case["bias"],
-                                 (case["batch"], case["m"]) + out if case["residual"] else None, case["out"],
-                                 case["clamp"], strides=strides, pads=pads, dilations=dilations, group=case["group"])
     shape = ConvShape(case["batch"], case["channels"], *size, case["m"], case["group"], kernel, strides, pads,
                       dilations, case["dtype"], 0)
     if not shape.depthwise:  # the route: vpdpbusd without packed panels (the VNNI GEMM) or tiles (AMX)

@@ -212,6 +212,24 @@ def activation_type(rng: np.random.Generator, shape, dtype: DType, seven_bit: bo
                                            bits=bits))
 
 
+def conv_graph(case: dict) -> tuple[Graph, dict, tuple[int, int], tuple[int, int]]:
+    """The qconv2d graph and feeds of a conv case (`conv_cases` or alike), the input's spatial size grown
+    to fit the dilated kernel, and the output's size."""
+    rng = np.random.default_rng(case["seed"])
+    kernel, dilations, pads, strides = case["kernel"], case["dilations"], case["pads"], case["strides"]
+    size = tuple(max(s, d * (k - 1) + 1 - p - q) for s, d, k, p, q in
+                 zip(case["size"], dilations, kernel, pads[:2], pads[2:]))
+    out = tuple((s + p + q - d * (k - 1) - 1) // st_ + 1 for s, p, q, d, k, st_ in
+                zip(size, pads[:2], pads[2:], dilations, kernel, strides))
+    x_type = activation_type(rng, (case["batch"], case["channels"]) + size, case["dtype"],
+                             case.get("seven_bit", False))
+    w_shape = (case["m"], case["channels"] // case["group"]) + kernel
+    graph, feeds = product_graph("qconv2d", rng, x_type, w_shape, case["weights"], case["bias"],
+                                 (case["batch"], case["m"]) + out if case["residual"] else None, case["out"],
+                                 case["clamp"], strides=strides, pads=pads, dilations=dilations, group=case["group"])
+    return graph, feeds, size, out
+
+
 @st.composite
 def linear_cases(draw) -> dict:
     rank = draw(st.integers(1, 3))
@@ -258,18 +276,7 @@ def conv_cases(draw) -> dict:
 @given(conv_cases())
 def test_qconv2d(case: dict) -> None:
     """Groups, depthwise, strides, pads (holding the input's zero point), dilations; every route."""
-    rng = np.random.default_rng(case["seed"])
-    kernel, dilations, pads, strides = case["kernel"], case["dilations"], case["pads"], case["strides"]
-    size = tuple(max(s, d * (k - 1) + 1 - p - q) for s, d, k, p, q in
-                 zip(case["size"], dilations, kernel, pads[:2], pads[2:]))
-    shape = (case["batch"], case["channels"]) + size
-    out = tuple((s + p + q - d * (k - 1) - 1) // st_ + 1 for s, p, q, d, k, st_ in
-                zip(size, pads[:2], pads[2:], dilations, kernel, strides))
-    x_type = activation_type(rng, shape, case["dtype"], case["seven_bit"])
-    w_shape = (case["m"], case["channels"] // case["group"]) + kernel
-    graph, feeds = product_graph("qconv2d", rng, x_type, w_shape, case["weights"], case["bias"],
-                                 (case["batch"], case["m"]) + out if case["residual"] else None, case["out"],
-                                 case["clamp"], strides=strides, pads=pads, dilations=dilations, group=case["group"])
+    graph, feeds, _, _ = conv_graph(case)
     check(graph, feeds, case["target"])
 
 

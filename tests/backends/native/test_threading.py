@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers shared with the other 
 from aot_cases import build_driver, digits_feeds, digits_graph, run_driver  # noqa: E402
 from float_cases import TARGETS as FLOAT_TARGETS  # noqa: E402
 from test_conv import convolutions  # noqa: E402
-from test_quantized import (activation_type, conv_cases, integers, linear_cases, matmul_cases, params,  # noqa: E402
-                            product_graph, requantizing, weight_data, zero_point)
+from test_quantized import (activation_type, conv_cases, conv_graph, integers, linear_cases,  # noqa: E402
+                            matmul_cases, params, product_graph, requantizing, weight_data, zero_point)
 
 THREADS = (1, 2, 3)
 
@@ -95,17 +95,7 @@ def test_qlinear_threads(always_parallel, case: dict) -> None:
 @given(case=conv_cases())
 def test_qconv2d_threads(always_parallel, case: dict) -> None:
     """Every qconv2d route (int8 tiles, depthwise, wide) split over threads."""
-    rng = np.random.default_rng(case["seed"])
-    kernel, dilations, pads, strides = case["kernel"], case["dilations"], case["pads"], case["strides"]
-    size = tuple(max(s, d * (k - 1) + 1 - p - q) for s, d, k, p, q in
-                 zip(case["size"], dilations, kernel, pads[:2], pads[2:]))
-    out = tuple((s + p + q - d * (k - 1) - 1) // st_ + 1 for s, p, q, d, k, st_ in
-                zip(size, pads[:2], pads[2:], dilations, kernel, strides))
-    x_type = activation_type(rng, (case["batch"], case["channels"]) + size, case["dtype"], case["seven_bit"])
-    w_shape = (case["m"], case["channels"] // case["group"]) + kernel
-    graph, feeds = product_graph("qconv2d", rng, x_type, w_shape, case["weights"], case["bias"],
-                                 (case["batch"], case["m"]) + out if case["residual"] else None, case["out"],
-                                 case["clamp"], strides=strides, pads=pads, dilations=dilations, group=case["group"])
+    graph, feeds, _, _ = conv_graph(case)
     check_exact(graph, feeds, case["target"], threads=(2, 3))
 
 
