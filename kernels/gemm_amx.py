@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 from llvmlite import ir
 
-from lowbit.errors import ShapeError, TargetError
+from lowbit.errors import TargetError
 from lowbit.ir.dtypes import DType
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.gemm_int8 import (ROUTE_NAMES, Epilogue, Int8Gemm, Int32Store, activation_dtype,
-                                      check_accumulator_range, emit_pack_a, remainder_blocks)
+                                      check_accumulator_range, checked_operands, emit_pack_a, remainder_blocks)
 from lowbit.kernels.llvm import I8, I32, I64, VOID, TargetSpec
 from lowbit.kernels.packing import ALIGNMENT, aligned_empty, pack_weights
 
@@ -337,19 +337,9 @@ class AmxPlan:
 def plan_amx(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, offset: np.ndarray | None = None
              ) -> AmxPlan:
     """Check and pack: weights int8 [K, N], activations u8 or i8, optional integer offset per column."""
-    if not isinstance(weights, np.ndarray) or weights.dtype != np.int8 or weights.ndim != 2 or 0 in weights.shape:
-        described = (f"{weights.dtype} {list(weights.shape)}" if isinstance(weights, np.ndarray)
-                     else type(weights).__name__)
-        raise ShapeError(f"int8 GEMM: weights must be a non-empty 2-D int8 array [K, N], not {described}")
+    total = checked_operands(weights, offset)
     dtype = activation_dtype(a_dtype)
     k, n = weights.shape
-    total = np.zeros(n, np.int64)
-    if offset is not None:
-        offset = np.asarray(offset)
-        if offset.shape != (n,) or not np.issubdtype(offset.dtype, np.integer):
-            raise ShapeError(f"int8 GEMM: offset must be an integer vector of {n} values, "
-                             f"not {offset.dtype} {list(offset.shape)}")
-        total += offset
     check_accumulator_range(weights, total, dtype.min, dtype.max)
     folded = None
     if offset is not None:

@@ -255,22 +255,15 @@ def check_accumulator_range(weights: np.ndarray, offset: np.ndarray, a_low: int,
                          f"int32 for activations in [{a_low}, {a_high}]")
 
 
-def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, target: TargetSpec,
-              guarantee_7bit: bool = False, offset: np.ndarray | None = None,
-              route: str | None = None, tile: tuple[int, int] | None = None) -> GemmPlan:
-    """Check the inputs, choose the route and tile, pack the weights and fold the offset.
-
-    `tile` (MR rows, NV vectors) overrides the route's register tile (tests, tuning).
-    """
+def checked_operands(weights: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """The per-column offset as int64 (zeros without one), after checking that `weights` is a non-empty
+    int8 [K, N] array and `offset` an integer vector of N values; a ShapeError otherwise."""
     if not isinstance(weights, np.ndarray) or weights.dtype != np.int8 or weights.ndim != 2 \
             or 0 in weights.shape:
         described = (f"{weights.dtype} {list(weights.shape)}" if isinstance(weights, np.ndarray)
                      else type(weights).__name__)
         raise ShapeError(f"int8 GEMM: weights must be a non-empty 2-D int8 array [K, N], not {described}")
-    dtype = activation_dtype(a_dtype)
-    k, n = weights.shape
-    chosen = choose_route(target, weights, guarantee_7bit, route)
-    flip = _flips(chosen, dtype, guarantee_7bit)
+    n = weights.shape[1]
     total = np.zeros(n, dtype=np.int64)
     if offset is not None:
         offset = np.asarray(offset)
@@ -278,6 +271,21 @@ def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, targe
             raise ShapeError(f"int8 GEMM: offset must be an integer vector of {n} values, "
                              f"not {offset.dtype} {list(offset.shape)}")
         total += offset
+    return total
+
+
+def plan_gemm(weights: np.ndarray, a_dtype: DType | np.dtype | type | str, target: TargetSpec,
+              guarantee_7bit: bool = False, offset: np.ndarray | None = None,
+              route: str | None = None, tile: tuple[int, int] | None = None) -> GemmPlan:
+    """Check the inputs, choose the route and tile, pack the weights and fold the offset.
+
+    `tile` (MR rows, NV vectors) overrides the route's register tile (tests, tuning).
+    """
+    total = checked_operands(weights, offset)
+    dtype = activation_dtype(a_dtype)
+    k, n = weights.shape
+    chosen = choose_route(target, weights, guarantee_7bit, route)
+    flip = _flips(chosen, dtype, guarantee_7bit)
     a_low, a_high = _activation_range(dtype, guarantee_7bit)
     check_accumulator_range(weights, total, a_low, a_high)
     if flip:
