@@ -644,14 +644,10 @@ class _ConvEmitter:
         oh, ow, width = self.oh, self.ow, plane.width
         key = (rows, vectors, lanes, cg, spec.kernel, spec.dilations, plane.size, width, oh, ow,
                replace(epi, residual_ld=0))
-        fn, new = tile_function(self.module, f"conv_f32.tile{rows}x{vectors}x{lanes}", key,
-                                [I8.as_pointer()] * 5 + [I64])
-        if not new:
+        fn, builder = self._new_tile(rows, key)
+        if builder is None:
             return fn
-        for arg in fn.args[:5]:
-            arg.add_attribute("noalias")
         w, source, out, bias, residual, column = fn.args
-        builder = ir.IRBuilder(fn.append_basic_block("entry"))
 
         def tap_row(builder, index, accs):  # index = c·kh + ky: the taps of one window row, unrolled
             c, ky = builder.udiv(index, ir.Constant(I64, kh)), builder.urem(index, ir.Constant(I64, kh))
@@ -683,6 +679,18 @@ class _ConvEmitter:
         builder.ret_void()
         return fn
 
+    def _new_tile(self, rows: int, key) -> tuple[ir.Function, ir.IRBuilder | None]:
+        """The tile function for `key` (w, source, out, bias, residual, column) and a builder at its
+        entry, or no builder when the module has it already."""
+        spec = self.spec
+        fn, new = tile_function(self.module, f"conv_f32.tile{rows}x{spec.tile.vectors}x{self.lanes}", key,
+                                [I8.as_pointer()] * 5 + [I64])
+        if not new:
+            return fn, None
+        for arg in fn.args[:5]:
+            arg.add_attribute("noalias")
+        return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
     def _in_place_tile(self, rows: int) -> ir.Function:
         """tile(w, x, out, bias, residual, i64 column): rows × width outputs from pixel `column` on (x
         at that pixel of the group's first channel, the others at the tile's first row). Each tap's
@@ -693,14 +701,10 @@ class _ConvEmitter:
         cg = spec.channels // spec.group
         ow, pixels = self.ow, self.oh * self.ow
         key = ("in_place", rows, vectors, lanes, cg, spec.kernel, spec.dilations, plane, replace(epi, residual_ld=0))
-        fn, new = tile_function(self.module, f"conv_f32.tile{rows}x{vectors}x{lanes}", key,
-                                [I8.as_pointer()] * 5 + [I64])
-        if not new:
+        fn, builder = self._new_tile(rows, key)
+        if builder is None:
             return fn
-        for arg in fn.args[:5]:
-            arg.add_attribute("noalias")
         w, source, out, bias, residual, column = fn.args
-        builder = ir.IRBuilder(fn.append_basic_block("entry"))
         i32s = ir.VectorType(I32, lanes)
 
         def splat(value: int | ir.Value) -> ir.Value:
