@@ -130,6 +130,15 @@ def emit_pack_b(module: ir.Module, name: str, product: AmxProduct) -> ir.Functio
     return fn
 
 
+def emit_product(amx: bool, num_threads: int, *arguments) -> None:
+    """The product on AMX tiles (`emit_amx_product`) or on register tiles (`emit_tile_product`, which also
+    takes the team's thread count); `arguments` are the two emitters' common ones."""
+    if amx:
+        emit_amx_product(*arguments)
+    else:
+        emit_tile_product(*arguments, num_threads)
+
+
 def emit_amx_product(builder: ir.IRBuilder, name: str, product: AmxProduct, batch: int, operands: Operands,
                      sums: Sums, scratch: ir.Value, epilogue: Epilogue, args: Arguments, thread: ir.Value,
                      threads: ir.Value) -> None:

@@ -440,10 +440,7 @@ def _matmul_int32(ctx: LowerContext, node: Node, bound: int, amx: bool) -> None:
                   thread_scratch(builder, scratch, thread, product.scratch_bytes), epilogue,
                   lambda out_t, rows, cols: [out_t, ir.Constant(I64, 0)] + [cols] * need_cols + [rows] * need_rows,
                   thread, threads)
-        if amx:
-            runtime_products.emit_amx_product(*common)
-        else:
-            runtime_products.emit_tile_product(*common, ctx.num_threads)
+        runtime_products.emit_product(amx, ctx.num_threads, *common)
         builder.ret_void()
         return fn
 
@@ -620,10 +617,7 @@ def _dynamic_matmul_int32(ctx: LowerContext, node: Node, amx: bool) -> None:
         common = (builder, name, product, _batch_count(node), _operands(node, [qa, qb, out], (4, 4, 1)), sums, rest,
                   epilogue, lambda out_t, rows, cols: [out_t, factor, ir.Constant(I64, 0), cols, rows], thread,
                   threads)
-        if amx:
-            runtime_products.emit_amx_product(*common)
-        else:
-            runtime_products.emit_tile_product(*common, ctx.num_threads)
+        runtime_products.emit_product(amx, ctx.num_threads, *common)
         builder.ret_void()
         return fn
 
