@@ -199,7 +199,8 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern], max_rewrite
     # Consumers are visited before producers, so a pattern rooted late in a chain (the largest
     # fusion) claims the chain before a smaller pattern rooted inside it does.
     worklist = list(graph.nodes)
-    known = {id(n) for n in graph.nodes}
+    # The set holds the nodes themselves: an erased node's id() can be reused by a new one.
+    known = set(graph.nodes)
     changed = False
     rewrites = 0
     while worklist:
@@ -214,8 +215,8 @@ def apply_patterns(graph: Graph, patterns: Sequence[RewritePattern], max_rewrite
                 rewrites += 1
                 if rewrites > max_rewrites:
                     raise RuntimeError(f"pattern rewriting did not converge after {max_rewrites} rewrites")
-                fresh = [n for n in graph.nodes if id(n) not in known]
-                known.update(id(n) for n in fresh)
+                fresh = [n for n in graph.nodes if n not in known]
+                known.update(fresh)
                 revisit = fresh + [user for n in fresh for v in n.outputs for user in v.users]
                 revisit += [v.producer for n in fresh for v in n.inputs if v is not None and v.producer]
                 worklist.extend(revisit + neighbours + ([node] if not node.erased else []))
