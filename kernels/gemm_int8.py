@@ -71,7 +71,7 @@ def _intrinsic(builder: ir.IRBuilder, module: ir.Module, name: str, result: ir.T
     return builder.call(ll.declare(module, name, result, *(arg.type for arg in args)), list(args))
 
 
-def _mac_vpdpbusd(builder, module, acc, a, b):
+def mac_vpdpbusd(builder, module, acc, a, b):
     # i32-vector operands: the form every LLVM since 12 accepts (22 auto-upgrades it to i8 vectors)
     return _intrinsic(builder, module, f"llvm.x86.avx512.vpdpbusd.{acc.type.count * 32}", acc.type,
                       acc, a, b)
@@ -85,13 +85,17 @@ def _mac_pmaddubsw(builder, module, acc, a, b):
     return builder.add(acc, quads)
 
 
-def _mac_pmaddwd(builder, module, acc, a, b):
-    pairs = _intrinsic(builder, module, "llvm.x86.avx2.pmadd.wd", acc.type,
+PMADDWD = {4: "llvm.x86.sse2.pmadd.wd", 8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
+
+
+def mac_pmaddwd(builder, module, acc, a, b):
+    """acc + the sums of the two int16 products in each int32 lane of a and b (x86 `vpmaddwd`)."""
+    pairs = _intrinsic(builder, module, PMADDWD[acc.type.count], acc.type,
                        _as(builder, a, I16), _as(builder, b, I16))
     return builder.add(acc, pairs)
 
 
-def _mac_sdot(builder, module, acc, a, b):
+def mac_sdot(builder, module, acc, a, b):
     return _intrinsic(builder, module, "llvm.aarch64.neon.sdot.v4i32.v16i8", acc.type, acc,
                       _as(builder, a, I8), _as(builder, b, I8))
 
@@ -142,15 +146,15 @@ def _set(*features: str) -> frozenset[str]:
 # In order of preference: the first available (and exact) route is chosen.
 ROUTES: tuple[Route, ...] = (
     Route("avx512-vnni", "x86_64", (_set("avx512vnni", "avx512bw"),), 16, 4, 8, False, False,
-          (6, 4), (6, 4), _mac_vpdpbusd),
+          (6, 4), (6, 4), mac_vpdpbusd),
     Route("avx-vnni", "x86_64", (_set("avxvnni"), _set("avx512vnni", "avx512vl")), 8, 4, 8, False,
-          False, (4, 3), (6, 4), _mac_vpdpbusd),
+          False, (4, 3), (6, 4), mac_vpdpbusd),
     Route("avx2-maddubs", "x86_64", (_set("avx2"),), 8, 4, 8, False, True, (4, 2), (8, 2),
           _mac_pmaddubsw),
     Route("avx2-madd16", "x86_64", (_set("avx2"),), 8, 2, 16, None, False, (4, 2), (8, 2),
-          _mac_pmaddwd),
+          mac_pmaddwd),
     Route("neon-dotprod", "aarch64", (_set("neon", "dotprod"),), 4, 4, 8, True, False, (4, 3), (8, 3),
-          _mac_sdot),
+          mac_sdot),
     Route("widen", None, (), 4, 1, 16, None, False, (4, 2), (8, 2), _mac_widen),
 )
 ROUTE_NAMES = {route.name: route for route in ROUTES}

@@ -7,12 +7,14 @@ followed by its r·c weights (row-major, int8 or float32). A table of int32 bloc
 (prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero.
 
 Kernel (`emit_sparse_linear`): x is first transposed into scratch xT, 32-bit elements at a time (16 × 16
-tiles transposed in registers): float32 [K, Mp], or for int8 the quads x[m, 4j : 4j + 4] as unsigned bytes
-(int8 activations + 128, the caller's offsets correct the shift) [⌈K/4⌉, Mp, 4]; Mp = M rounded up to the
-vector width. Each stored weight then multiplies contiguous vectors of xT: an FMA with the weight
-broadcast, or for int8 one 4-byte dot product (`vpdpbusd` with VNNI, portable IR elsewhere) with a
-broadcast int32 of four weights: a whole quad when c is a multiple of 4 (1×4 packing of an unstructured
-matrix stores the zeros beside a weight), else the block's bytes shifted to their place in their quad.
+tiles transposed in registers): float32 [K, Mp]; for int8 either quads x[m, 4j : 4j + 4] of bytes [⌈K/4⌉,
+Mp, 4] (as unsigned bytes for `vpdpbusd`, int8 + 128; as signed ones for `sdot`, uint8 − 128; the caller's
+offsets correct the shift) or, where the target has no 4-byte dot product, pairs x[m, 2j : 2j + 2] extended
+to int16 [⌈K/2⌉, Mp, 2] for `vpmaddwd` (AVX2; exact for any weights, unlike `vpmaddubsw`) or portable IR;
+Mp = M rounded up to the vector width. Each stored weight then multiplies contiguous vectors of xT: an FMA
+with the weight broadcast, or for int8 one dot product with a broadcast int32 of a group of weights: a whole
+group when c is a multiple of it (1×4 packing of an unstructured matrix stores the zeros beside a weight),
+else the block's weights shifted to their place in their group.
 Per block row and chunk of M, r × V accumulator vectors (several sets in rotation, to hide the latency)
 stay in registers over the row's blocks. A group of output rows (`row_group`) at a time is stored to
 accT (scratch, so it stays in L1) and finished at once: accT tiles transposed back to rows of y and the
@@ -32,6 +34,7 @@ from llvmlite import ir
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.gemm_f32 import Epilogue as FloatEpilogue
 from lowbit.kernels.gemm_f32 import finish as float_finish
+from lowbit.kernels.gemm_int8 import mac_pmaddwd, mac_sdot, mac_vpdpbusd
 from lowbit.kernels.llvm import F32, I8, I32, I64
 from lowbit.kernels.parallel import new_parallel_kernel, share, thread_scratch
 
@@ -95,9 +98,9 @@ def _ranks(counts: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SparseSpec:
     """y[m, n] for m < M, n < N from a Packed W of `block` shape. `integer`: int8 weights times 8-bit
-    activations taken as unsigned bytes (`x_signed`: int8 activations + 128; the caller's offsets correct
-    for the shift), int32 accumulators; else float32. `lanes`: vector width (int32 or float32 elements);
-    `vnni`: the vector widths (int32 lanes) that have x86 `vpdpbusd` here."""
+    activations (`x_signed`: int8, else uint8), int32 accumulators; else float32. `lanes`: vector width
+    (int32 or float32 elements). The instructions the target has, by int32 vector width: `vnni` x86
+    `vpdpbusd`, `madd` x86 `vpmaddwd`; `sdot`: AArch64 `sdot` (4 lanes)."""
 
     m: int
     k: int
@@ -108,6 +111,8 @@ class SparseSpec:
     lanes: int
     x_signed: bool = False
     vnni: tuple[int, ...] = ()
+    madd: tuple[int, ...] = ()
+    sdot: bool = False
 
     @property
     def width(self) -> int:
@@ -117,13 +122,36 @@ class SparseSpec:
         return min(self.lanes, next(w for w in (4, 8, 16) if w >= self.m)) if self.integer else self.m
 
     @property
+    def route(self) -> str:
+        """How an int8 product is formed: "vpdpbusd" (unsigned activation bytes) or "sdot" (signed) over
+        quads of K, else "pairs": int16 pairs of K (`vpmaddwd` or portable IR); "float" for float32."""
+        if not self.integer:
+            return "float"
+        if self.width in self.vnni:
+            return "vpdpbusd"
+        return "sdot" if self.sdot and self.width == 4 else "pairs"
+
+    @property
+    def group(self) -> int:
+        """Values of K in one 32-bit element of xT: 4 bytes, 2 int16 or 1 float."""
+        return {"float": 1, "pairs": 2}.get(self.route, 4)
+
+    @property
+    def shift(self) -> int:
+        """What the kernel adds to every activation on its way into xT (the caller's offsets correct for
+        it): +128 turns int8 into the unsigned bytes `vpdpbusd` wants, −128 uint8 into `sdot`'s signed."""
+        if self.route == "vpdpbusd" and self.x_signed:
+            return 128
+        return -128 if self.route == "sdot" and not self.x_signed else 0
+
+    @property
     def padded_m(self) -> int:
         return -(-self.m // self.width) * self.width
 
     @property
     def xt_rows(self) -> int:
-        """Rows of xT: K for floats, the ⌈K/4⌉ quads of K for integers."""
-        return -(-self.k // 4) if self.integer else self.k
+        """Rows of xT: K for floats, ⌈K / group⌉ for integers."""
+        return -(-self.k // self.group)
 
     @property
     def x_element(self) -> ir.Type:
@@ -187,103 +215,131 @@ def _tiles(builder: ir.IRBuilder, rows: int, columns: int, size: int, name: str,
     rectangle(builder, full_r, rows - full_r, 0, columns, "e2")
 
 
+def _widen(b: ir.IRBuilder, spec: SparseSpec, data: ir.Value) -> ir.Value:
+    """`data` (count · group bytes of x, a vector) as `count` 32-bit elements of xT: quads of bytes shifted by
+    `spec.shift`, or pairs of bytes extended to int16."""
+    count = data.type.count // spec.group
+    if spec.group == 2:
+        extend = b.sext if spec.x_signed else b.zext
+        return b.bitcast(extend(data, ll.vector(ir.IntType(16), 2 * count)), ll.vector(I32, count))
+    if spec.shift:
+        data = b.xor(data, ir.Constant(data.type, [0x80] * data.type.count))
+    return b.bitcast(data, ll.vector(I32, count))
+
+
 def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Value) -> None:
-    """xT[j, m] = x's 32-bit element j of row m: a float, or for integers the quad x[m, 4j : 4j + 4] as
-    unsigned bytes (int8 activations + 128), bytes past K zero. Rows m ≥ M of xT are left as they are
-    (their lanes are never read back)."""
-    size = spec.lanes
+    """xT[j, m] = x's 32-bit element j of row m: a float, or for integers `_widen` of the bytes
+    x[m, g·j : g·j + g] (g = spec.group); past K, padding (its weights are zero). Rows m ≥ M of xT are left as they are (their
+    lanes are never read back)."""
+    size, group = spec.lanes, spec.group
     row_bytes = spec.k * (1 if spec.integer else 4)
-    whole = spec.k // 4 if spec.integer else spec.k  # 32-bit elements that lie wholly inside a row
-    kind = ll.vector(I32, size)
-    flip = 0x80808080 if spec.integer and spec.x_signed else 0
-    xt32 = builder.bitcast(xt, I32.as_pointer())
+    whole = spec.k // group  # 32-bit elements that lie wholly inside a row
+    element = ll.vector(I8, group) if spec.integer else F32
+    xt32 = builder.bitcast(xt, spec.x_element.as_pointer())
     mp = ir.Constant(I64, spec.padded_m)
 
     def address(b: ir.IRBuilder, m: ir.Value, j: ir.Value) -> ir.Value:
-        return b.gep(x, [b.add(b.mul(m, ir.Constant(I64, row_bytes)), b.shl(j, ir.Constant(I64, 2)))])
+        at = b.add(b.mul(m, ir.Constant(I64, row_bytes)), b.mul(j, ir.Constant(I64, group if spec.integer else 4)))
+        return b.gep(x, [at])
 
-    def convert(b: ir.IRBuilder, value: ir.Value) -> ir.Value:
-        return b.xor(value, ir.Constant(value.type, flip if value.type == I32 else [flip] * size)) if flip else value
+    def load(b: ir.IRBuilder, m: ir.Value, j: ir.Value, count: int) -> ir.Value:
+        """`count` 32-bit elements of xT from row m of x, from element j."""
+        kind = ll.vector(I8, count * group) if spec.integer else ll.vector(F32, count)
+        data = b.load(b.bitcast(address(b, m, j), kind.as_pointer()), align=1)
+        return _widen(b, spec, data) if spec.integer else data
 
     def tile(b: ir.IRBuilder, m0: ir.Value, j0: ir.Value) -> None:
-        rows = [convert(b, b.load(b.bitcast(address(b, b.add(m0, ir.Constant(I64, i)), j0), kind.as_pointer()),
-                                  align=1)) for i in range(size)]
+        rows = [b.bitcast(load(b, b.add(m0, ir.Constant(I64, i)), j0, size), ll.vector(I32, size))
+                for i in range(size)]
         for i, column in enumerate(_transpose_tile(b, rows)):
+            column = b.bitcast(column, ll.vector(spec.x_element, size))
             ll.store_vector(b, column, xt32, b.add(b.mul(b.add(j0, ir.Constant(I64, i)), mp), m0))
 
     def edge(b: ir.IRBuilder, m: ir.Value, j: ir.Value) -> None:
-        value = convert(b, b.load(b.bitcast(address(b, m, j), I32.as_pointer()), align=1))
+        value = b.extract_element(load(b, m, j, 1), ir.Constant(I32, 0))
         b.store(value, b.gep(xt32, [b.add(b.mul(j, mp), m)]))
 
     _tiles(builder, spec.m, whole, size, "xt", tile, edge)
-    tail = spec.k % 4 if spec.integer else 0
-    if tail:  # the last quad's bytes one at a time, the rest zero: no read past x
+    tail = spec.k % group if spec.integer else 0
+    if tail:  # the last element's bytes one at a time, the rest zero: no read past x
 
         def last(b: ir.IRBuilder, m: ir.Value, _) -> None:
-            word = ir.Constant(I32, 0)
+            data = ir.Constant(element, [0] * group)
             for byte in range(tail):
-                at = b.add(b.mul(m, ir.Constant(I64, row_bytes)), ir.Constant(I64, 4 * whole + byte))
-                value = b.xor(b.zext(b.load(b.gep(x, [at])), I32), ir.Constant(I32, 0x80 if flip else 0))
-                word = b.or_(word, b.shl(value, ir.Constant(I32, 8 * byte)))
-            b.store(word, b.gep(xt32, [b.add(b.mul(ir.Constant(I64, whole), mp), m)]))
+                at = b.add(b.mul(m, ir.Constant(I64, row_bytes)), ir.Constant(I64, group * whole + byte))
+                data = b.insert_element(data, b.load(b.gep(x, [at])), ir.Constant(I32, byte))
+            value = b.extract_element(_widen(b, spec, data), ir.Constant(I32, 0))
+            b.store(value, b.gep(xt32, [b.add(b.mul(ir.Constant(I64, whole), mp), m)]))
 
         ll.counted_loop(builder, ir.Constant(I64, spec.m), "xt.tail", body=last)
 
 
 def _dot(builder: ir.IRBuilder, spec: SparseSpec, acc: ir.Value, a: ir.Value, w: ir.Value) -> ir.Value:
-    """acc + the sums of 4 byte products per lane: a unsigned, w signed (vpdpbusd; exact, modular int32)."""
-    width = acc.type.count
-    if width in spec.vnni:
-        function = ll.declare(builder.module, f"llvm.x86.avx512.vpdpbusd.{32 * width}", acc.type, acc.type,
-                              acc.type, acc.type)
-        return builder.call(function, [acc, a, w])
-    wide = ll.vector(I32, 4 * width)
-    products = builder.mul(builder.zext(builder.bitcast(a, ll.vector(I8, 4 * width)), wide),
-                           builder.sext(builder.bitcast(w, ll.vector(I8, 4 * width)), wide))
-    undefined = ir.Constant(wide, ir.Undefined)
-    for byte in range(4):
-        acc = builder.add(acc, builder.shuffle_vector(products, undefined,
-                                                      ll.const_vector(I32, range(byte, 4 * width, 4))))
+    """acc + per int32 lane the sum of the products of a's and w's `group` values (bytes: a unsigned for
+    `vpdpbusd`, signed for `sdot`; w signed; int16 pairs: both signed) — exact, in modular int32."""
+    width, module = acc.type.count, builder.module
+    if spec.route == "vpdpbusd":
+        return mac_vpdpbusd(builder, module, acc, a, w)
+    if spec.route == "sdot":
+        return mac_sdot(builder, module, acc, a, w)
+    if width in spec.madd:
+        return mac_pmaddwd(builder, module, acc, a, w)
+    wide, pairs = ll.vector(I32, 2 * width), ll.vector(ir.IntType(16), 2 * width)
+    products = builder.mul(builder.sext(builder.bitcast(a, pairs), wide), builder.sext(builder.bitcast(w, pairs), wide))
+    for half in range(2):
+        acc = builder.add(acc, builder.shuffle_vector(products, ir.Constant(wide, ir.Undefined),
+                                                      ll.const_vector(I32, range(half, 2 * width, 2))))
     return acc
 
 
-def _quads(b: ir.IRBuilder, spec: SparseSpec, values: ir.Value, column: ir.Value) -> list:
-    """A stored block's weights as (xT row, [int32 of 4 weight bytes per block row]) pairs: whole quads
-    when c is a multiple of 4, else the block's bytes shifted to their place in the quad of their column."""
+def _words(b: ir.IRBuilder, spec: SparseSpec, values: ir.Value, column: ir.Value) -> list:
+    """A stored block's weights as (xT row, [int32 of `group` weights per block row]) pairs: whole groups
+    when c is a multiple of the group, else the block's weights shifted to their place in the group of
+    their column. Weights are bytes for quads, int16 for pairs."""
     r, c = spec.block
+    group = spec.group
+    bits = 32 // group
     i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
 
-    def byte(i: int, jj: int) -> ir.Value:
-        return b.zext(b.load(b.gep(values, [i64(i * c + jj)])), I32)
+    def weight(i: int, jj: int) -> ir.Value:
+        value = b.load(b.gep(values, [i64(i * c + jj)]))
+        return b.zext(value if bits == 8 else b.sext(value, ir.IntType(16)), I32)
+
+    def whole(i: int, q: int) -> ir.Value:
+        data = b.load(b.bitcast(b.gep(values, [i64(i * c + group * q)]), ll.vector(I8, group).as_pointer()), align=1)
+        if bits == 16:
+            data = b.sext(data, ll.vector(ir.IntType(16), group))
+        return b.bitcast(data, I32)
 
     def placed(k: ir.Value, words: list) -> tuple:
-        shift = b.trunc(b.shl(b.and_(k, i64(3)), i64(3)), I32)
-        return b.lshr(k, i64(2)), [b.shl(word, shift) for word in words]
+        shift = b.trunc(b.mul(b.and_(k, i64(group - 1)), i64(bits)), I32)
+        return b.udiv(k, i64(group)), [b.shl(word, shift) for word in words]
 
-    if c % 4 == 0:
-        row = b.lshr(column, i64(2))
-        return [(b.add(row, i64(q)), [b.load(b.bitcast(b.gep(values, [i64(i * c + 4 * q)]), I32.as_pointer()),
-                                             align=1) for i in range(r)]) for q in range(c // 4)]
-    if 4 % c == 0:  # the block lies in one quad (K % c == 0 and aligned columns)
+    if c % group == 0:
+        row = b.udiv(column, i64(group))
+        return [(b.add(row, i64(q)), [whole(i, q) for i in range(r)]) for q in range(c // group)]
+    if group % c == 0:  # the block lies in one group (K % c == 0 and aligned columns)
         words = []
         for i in range(r):
-            word = byte(i, 0)
+            word = weight(i, 0)
             for jj in range(1, c):
-                word = b.or_(word, b.shl(byte(i, jj), ir.Constant(I32, 8 * jj)))
+                word = b.or_(word, b.shl(weight(i, jj), ir.Constant(I32, bits * jj)))
             words.append(word)
         return [placed(column, words)]
-    return [placed(b.add(column, i64(jj)), [byte(i, jj) for i in range(r)]) for jj in range(c)]
+    return [placed(b.add(column, i64(jj)), [weight(i, jj) for i in range(r)]) for jj in range(c)]
 
 
 def _integer_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Value, column: ir.Value,
                   m0: ir.Value, vectors: int, accs: list) -> list:
-    """One stored block's products: each quad of weights broadcast against `vectors` vectors of xT."""
+    """One stored block's products: each group of weights broadcast against `vectors` vectors of xT."""
     r, width, mp = spec.block[0], spec.width, spec.padded_m
-    for row, words in _quads(b, spec, values, column):
-        base = b.add(b.mul(row, ir.Constant(I64, mp)), m0)
+    for row, words in _words(b, spec, values, column):
+        # a pointer to the row, then constant offsets: addressing modes take them (an index sum is not
+        # always folded into one)
+        base = b.gep(xt, [b.add(b.mul(row, ir.Constant(I64, mp)), m0)])
         weights = [ll.splat(b, word, width) for word in words]
         for v in range(vectors):
-            xv = ll.load_vector(b, xt, b.add(base, ir.Constant(I64, v * width)), width)
+            xv = ll.load_vector(b, base, ir.Constant(I64, v * width), width)
             for i in range(r):
                 accs[i * vectors + v] = _dot(b, spec, accs[i * vectors + v], xv, weights[i])
     return accs
@@ -296,9 +352,9 @@ def _float_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Valu
     width, mp = spec.width, spec.padded_m
     weights = [ll.splat(b, b.load(b.gep(values, [ir.Constant(I64, i)]), align=1), width) for i in range(r * c)]
     for jj in range(c):
-        row_at = b.add(b.mul(b.add(column, ir.Constant(I64, jj)), ir.Constant(I64, mp)), m0)
+        row_at = b.gep(xt, [b.add(b.mul(b.add(column, ir.Constant(I64, jj)), ir.Constant(I64, mp)), m0)])
         for v in range(vectors):
-            xv = ll.load_vector(b, xt, b.add(row_at, ir.Constant(I64, v * width)), width)
+            xv = ll.load_vector(b, row_at, ir.Constant(I64, v * width), width)
             for i in range(r):
                 accs[i * vectors + v] = ll.intrinsic(b, "llvm.fma", weights[i * c + jj], xv, accs[i * vectors + v])
     return accs

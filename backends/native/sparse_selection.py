@@ -7,9 +7,10 @@ Estimated nanoseconds per call, with vec = ⌈M / lanes⌉ accumulator vectors a
              + per_output · M·N + per_input · M·K
     dense  = per_mac · N·K·(M + dense_rows)
 
-(vector operations: FMAs per stored float, 4-byte dot products per quad of K for int8; a block's
-fixed cost is its step and its weights' loads). `dense_rows` is what weight streaming costs the dense
-kernel in rows of arithmetic (it dominates at M = 1). Constants per kind (int8, f32) are built in, or
+(vector operations: FMAs per stored float; for int8, dot products per quad of K, or per pair of K where
+the target has no 4-byte dot product (kind int8-pairs: AVX2 `vpmaddwd`, plain NEON); a block's fixed cost is
+its step and its weights' loads). `dense_rows` is what weight streaming costs the dense kernel in rows of
+arithmetic (it dominates at M = 1). Constants per kind (int8, int8-pairs, f32) are built in, or
 measured on this machine by `lowbit tune` / `python -m lowbit.backends.native.sparse_selection --tune`
 (written to `tuning_path()`, JSON). A weight
 without a layout always stays dense; so does one the sparse kernels cannot take exactly.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +35,7 @@ from lowbit.kernels.gemm_f32 import Epilogue
 from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, float_epilogue, integer_epilogue,
                                    pack_sparse)
 
-KINDS = ("int8", "f32")
+KINDS = ("int8", "int8-pairs", "f32")
 DEFAULT_LANES = 16  # int32 / float32 lanes of the machine the defaults were measured on
 
 
@@ -51,6 +53,8 @@ DEFAULTS = {  # measured on an Emerald Rapids core (AVX-512 VNNI, dense int8 on 
     # M = 1 and 64 (int8); float32 on a Sapphire Rapids core
     "int8": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
                   dense_rows=5.6),
+    "int8-pairs": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
+                        dense_rows=5.6),
     "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3),
 }
 
@@ -80,17 +84,18 @@ def tuning_fingerprint() -> bytes:
 
 def structure(kind: str, matrix: np.ndarray, block: tuple[int, int]) -> tuple[int, int]:
     """(vector operations per accumulator vector, stored blocks) of `matrix` [N, K] packed with `block`
-    (fillers ignored): an FMA per stored float; for int8 a 4-byte dot product per quad of K that a block
-    row touches (a block of 1 or 2 columns lies in one quad)."""
-    if kind == "int8":
+    (fillers ignored): an FMA per stored float; for int8 a dot product per group of K (a quad, or a pair
+    for int8-pairs) that a block row touches (a block narrower than a group lies in one)."""
+    if kind != "f32":
         matrix = _padded(matrix, block)
     n, k = matrix.shape
     r, c = fit_block(matrix.shape, block)
     blocks = int(np.any(matrix.reshape(n // r, r, k // c, c) != 0, axis=(1, 3)).sum())
-    if kind != "int8":
+    if kind == "f32":
         return blocks * r * c, blocks
-    quads = c // 4 if c % 4 == 0 else 1 if 4 % c == 0 else c
-    return blocks * r * quads, blocks
+    group = 2 if kind == "int8-pairs" else 4
+    groups = c // group if c % group == 0 else 1 if group % c == 0 else c
+    return blocks * r * groups, blocks
 
 
 def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> tuple[float, float]:
@@ -110,9 +115,10 @@ def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int],
 
 def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
     """Packing blocks to choose from: the bsr layout's block, single weights (CSR, also for csr and N:M)
-    or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight)."""
+    or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight) and for int8-pairs
+    also 1×2 (its pairs)."""
     candidates = [tuple(layout.block)] if layout.format == "bsr" else []
-    return candidates + [(1, 1)] + ([(1, 4)] if kind == "int8" else [])
+    return candidates + [(1, 1)] + {"int8": [(1, 4)], "int8-pairs": [(1, 2), (1, 4)]}.get(kind, [])
 
 
 def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
@@ -125,8 +131,8 @@ def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, lay
     fastest by the cost model, or with `ctx.optimize == "size"` the packing with the fewest bytes, when it
     is smaller than the dense weights (int8: 1 byte a weight, f32: 4)."""
     if ctx.optimize == "size":
-        dtype = np.int8 if kind == "int8" else np.float32
-        sizes = {block: pack_sparse(_padded(matrix, block) if kind == "int8" else matrix, block, dtype).data.nbytes
+        dtype = np.float32 if kind == "f32" else np.int8
+        sizes = {block: pack_sparse(matrix if kind == "f32" else _padded(matrix, block), block, dtype).data.nbytes
                  for block in candidate_blocks(kind, layout)}
         block = min(sizes, key=sizes.get)
         return block if sizes[block] < matrix.size * np.dtype(dtype).itemsize else None
@@ -139,15 +145,15 @@ def _lanes(ctx: LowerContext) -> int:
     return max(ctx.target.vector_bytes // 4, 4)
 
 
-def _vnni(ctx: LowerContext) -> tuple[int, ...]:
-    """The int32 vector widths with x86 `vpdpbusd` on the target (none: portable IR)."""
-    features = ctx.target.features
-    if ctx.target.arch != "x86_64":
-        return ()
-    widths = (16,) if "avx512vnni" in features else ()
-    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= set(features):
-        widths += (4, 8)
-    return widths
+def integer_spec(ctx: LowerContext, m: int, k: int, n: int, x_signed: bool) -> SparseSpec:
+    """The int8 kernel's spec for the target, before a packing is chosen: the instructions it may use."""
+    features, x86 = ctx.target.features, ctx.target.arch == "x86_64"
+    vnni = (16,) if x86 and "avx512vnni" in features else ()
+    if x86 and ("avxvnni" in features or {"avx512vnni", "avx512vl"} <= features):
+        vnni += (4, 8)
+    madd = ((4, 8) if "avx2" in features else (4,)) + ((16,) if "avx512bw" in features else ()) if x86 else ()
+    sdot = ctx.target.arch == "aarch64" and "dotprod" in features
+    return SparseSpec(m, k, n, (1, 1), 0, True, _lanes(ctx), x_signed, vnni, madd, sdot)
 
 
 def _padded(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -168,9 +174,9 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     activations, centred weights in int8; the caller checked the int32 bound of the centred product) and
     the cost model prefers it. True when lowered.
 
-    The kernel multiplies the activations as unsigned bytes (int8 ones + 128), so its offsets are the
-    bias minus that shift of the zero point times each row's weight sum: modulo 2^32, which the int32
-    lanes wrap in, the same sums as the centred product."""
+    The kernel may shift the activations (`SparseSpec.shift`), so its offsets are the bias minus the
+    shifted zero point times each row's weight sum: modulo 2^32, which the int32 lanes wrap in, the same
+    sums as the centred product."""
     from lowbit.kernels.requantize import Corrections, ProductEpilogue
 
     x, layout = node.inputs[0].type, node.inputs[1].type.layout
@@ -178,16 +184,16 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
             or centred.min() < -128 or centred.max() > 127:
         return False
     rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
-    block = choose_packing(ctx, "int8", centred, rows, layout)
+    n, k = centred.shape
+    spec = integer_spec(ctx, rows, k, n, x.dtype.is_signed)
+    block = choose_packing(ctx, "int8-pairs" if spec.route == "pairs" else "int8", centred, rows, layout)
     if block is None:
         return False
-    n, k = centred.shape
     packed = pack_sparse(_padded(centred, block), block, np.int8)
-    signed = x.dtype.is_signed
-    shift = x.quant.zero_point[0] + (128 if signed else 0)
+    spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+    shift = x.quant.zero_point[0] + spec.shift
     offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
                     .astype(np.int32).tolist())
-    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, True, lanes, signed, _vnni(ctx))
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
@@ -265,11 +271,11 @@ def random_sparse(rng: np.random.Generator, n: int, k: int, sparsity: float, blo
     return np.where(keep, rng.integers(1, 100, (n, k)) * rng.choice([-1, 1], (n, k)), 0).astype(np.float32)
 
 
-def _seconds(graph: Graph, feeds: dict, repeats: int) -> float:
+def _seconds(graph: Graph, feeds: dict, repeats: int, target: str) -> float:
     import time
 
     from lowbit.backends.native.compiler import compile_graph
-    model = compile_graph(graph, cache=False)  # decisions differ inside and outside `forced_sparse`
+    model = compile_graph(graph, target, cache=False)  # decisions differ inside and outside `forced_sparse`
     model.run(feeds)
     best = float("inf")
     for _ in range(repeats):
@@ -290,14 +296,29 @@ def forced_sparse():
         prefer_sparse = chooser
 
 
+def measured_target(kind: str) -> str:
+    """The target `kind` is measured with here: the host, or for int8-pairs on an x86 host that has a
+    4-byte dot product, the AVX2 target (whose sparse kernel takes pairs)."""
+    from lowbit.backends.native.target import Target
+
+    host = Target.host()
+    if kind == "int8-pairs" and host.arch == "x86_64" and host.has("avx2") \
+            and ({"avxvnni"} & host.features or {"avx512vnni", "avx512vl"} <= host.features):
+        return "x86_64-avx2"
+    return "host"
+
+
 def measure(kind: str, repeats: int = 30) -> Costs:
     """Fit the constants of `kind` to timings of generated sparse and dense layers on this machine."""
+    from lowbit.backends.native.target import Target
     from lowbit.ir.types import SparseLayout
 
     rng = np.random.default_rng(0)
-    base = _seconds(*layer_graph(kind, np.ones((1, 1), np.float32), 1, False), repeats)  # call overhead
+    target = measured_target(kind)
+    seconds = lambda graph, feeds: _seconds(graph, feeds, repeats, target)  # noqa: E731
+    base = seconds(*layer_graph(kind, np.ones((1, 1), np.float32), 1, False))  # call overhead
     sparse_rows, sparse_times, dense_rows, dense_times = [], [], [], []
-    lanes = DEFAULT_LANES
+    lanes = max(Target.parse(target).vector_bytes // 4, 4)
     for n, k in ((128, 512), (512, 256)):
         for rows in (1, 16, 64):
             for sparsity, block in ((0.5, (1, 1)), (0.9, (1, 1)), (0.9, (1, 4)), (0.9, (4, 1))):
@@ -305,9 +326,9 @@ def measure(kind: str, repeats: int = 30) -> Costs:
                 values, blocks = structure(kind, matrix, best_block(kind, matrix, rows, SparseLayout("csr"), lanes))
                 sparse_rows.append([values * math.ceil(rows / lanes), blocks, rows * (n + k)])
                 with forced_sparse():
-                    sparse_times.append(_seconds(*layer_graph(kind, matrix, rows, True), repeats) - base)
+                    sparse_times.append(seconds(*layer_graph(kind, matrix, rows, True)) - base)
             dense_rows.append([n * k * rows, n * k])
-            dense_times.append(_seconds(*layer_graph(kind, matrix, rows, False), repeats) - base)
+            dense_times.append(seconds(*layer_graph(kind, matrix, rows, False)) - base)
     fit = lambda rows, times: np.maximum(np.linalg.lstsq(np.asarray(rows, float), 1e9 * np.asarray(times),  # noqa
                                                          rcond=None)[0], 1e-6)
     per_value, per_block, per_element = fit(sparse_rows, sparse_times)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # aot_cases
 sys.path.insert(0, str(Path(__file__).parents[2] / "e2e"))  # model_builders
 
 import lowbit
-from aot_cases import assert_matches, build_driver, digits_feeds, digits_graph, export_or_skip, run_driver
+from aot_cases import DATA, assert_matches, build_driver, digits_feeds, digits_graph, export_or_skip, run_driver
 from lowbit.errors import ShapeError
 from lowbit.ir import Graph
 
@@ -110,3 +110,28 @@ def test_networks_under_qemu(build, kind, target, tmp_path) -> None:
     graph = quantized_net(kind, 32)
     feeds = {"input": np.random.default_rng(4).normal(size=(1, 3, 32, 32)).astype(np.float32)}
     check_under_qemu(build, f"{kind}-{target}", graph, target, feeds, tmp_path)
+
+
+# -- sparse kernels ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def _sparse_mlp(quantized: bool) -> Graph:
+    """The digits MLP pruned to 90% (magnitude), int8 or float, its weights given sparse layouts."""
+    graph = lowbit.prune(digits_graph("mlp", False), "magnitude", sparsity=0.9)
+    if quantized:
+        images = np.load(DATA / "digits_calib.npz")["x"]
+        graph = lowbit.quantize(graph, {"input": images.reshape(len(images), 784)})
+    return lowbit.optimize(graph, "sparsify")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("quantized", [True, False], ids=["int8", "f32"])
+def test_sparse_kernels_under_qemu(build, target, quantized, tmp_path, monkeypatch) -> None:
+    """Every layer through the sparse kernel: AArch64's int8 routes are `sdot` over quads (dotprod) and
+    portable int16 pairs (NEON only)."""
+    from lowbit.backends.native import sparse_selection
+
+    monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
+    graph = _sparse_mlp(quantized)
+    assert any(v.type.layout is not None for v in graph.constants)
+    check_under_qemu(build, f"sparse-mlp-{quantized}-{target}", graph, target, digits_feeds("mlp", start=8),
+                     tmp_path)

@@ -167,6 +167,47 @@ def test_every_int8_packing_is_bit_exact(rows, k, n, block, sparsity, x_dtype, s
     np.testing.assert_array_equal(got, lowbit.run_reference(graph, feeds)["y"])
 
 
+AVX2 = "avx2" in lowbit.Target.host().features
+
+
+@pytest.mark.skipif(not AVX2, reason="runs AVX2 code on this machine")
+@settings(max_examples=25, deadline=None)
+@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
+       block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1)]),
+       sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), residual=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, seed) -> None:
+    """The x86_64-avx2 target has no 4-byte dot product: its int8 kernel takes int16 pairs of K through
+    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing."""
+    rng = np.random.default_rng(seed)
+    graph, feeds = qlinear_graph(rng, rows, k, n, (1, 1), sparsity, x_dtype, True, residual, DType.i8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_selection, "best_block", lambda kind, matrix, m, layout, lanes: block)
+        model = lowbit.compile(graph, "x86_64-avx2")
+    np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
+
+
+def test_avx2_kernel_multiplies_int16_pairs() -> None:
+    from lowbit.backends.native.compiler import Program
+    from lowbit.backends.native.target import Target
+    from lowbit.kernels import llvm as ll
+
+    graph, _ = qlinear_graph(np.random.default_rng(2), 64, 128, 16, (1, 2), 0.8, DType.i8, True, False, DType.i8)
+    program = Program(graph, Target.named("x86_64-avx2"))
+    assembly = ll.emit_assembly(program.module, program.target)
+    assert "vpmaddwd" in assembly and "vpmaddubsw" not in assembly and "vpdpbusd" not in assembly
+
+
+def test_pairs_cost_kind_counts_pairs() -> None:
+    """int8-pairs counts a product per pair of K in a stored block (a 1×4 block: two), int8 one per quad."""
+    matrix = np.zeros((4, 16), np.float32)
+    matrix[0, 4:8] = 1
+    matrix[1, 1] = 1
+    assert sparse_selection.structure("int8", matrix, (1, 4)) == (2, 2)
+    assert sparse_selection.structure("int8-pairs", matrix, (1, 4)) == (4, 2)
+    assert sparse_selection.structure("int8-pairs", matrix, (1, 2)) == (3, 3)
+
+
 @pytest.mark.parametrize("kind", ["int8", "f32"])
 def test_results_do_not_depend_on_the_thread_count(kind) -> None:
     rng = np.random.default_rng(3)
