@@ -53,8 +53,9 @@ DEFAULTS = {  # measured on an Emerald Rapids core (AVX-512 VNNI, dense int8 on 
     # M = 1 and 64 (int8); float32 on a Sapphire Rapids core
     "int8": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
                   dense_rows=5.6),
-    "int8-pairs": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
-                        dense_rows=5.6),
+    # int8-pairs: the x86_64-avx2 target's kernels (sparse `vpmaddwd`, dense AVX2) on the same core
+    "int8-pairs": Costs(per_value=0.15, per_block=1.7, per_output=0.5, per_input=0.5, per_mac=0.0195,
+                        dense_rows=0.45),
     "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3),
 }
 

@@ -140,6 +140,7 @@ def test_packed_int8_is_about_two_bytes_per_nonzero() -> None:
 
 
 @pytest.mark.parametrize("kind, rows, sparse_enough", [("f32", 16, 0.9), ("f32", 64, 0.9), ("int8", 1, 0.99),
+                                                         ("int8-pairs", 1, 0.99), ("int8-pairs", 64, 0.9),
                                                          ("int8", 64, 0.99)])
 def test_selection_prefers_sparse_only_when_sparse_enough(kind, rows, sparse_enough, monkeypatch) -> None:
     monkeypatch.undo()  # the real cost model, with its built-in constants
