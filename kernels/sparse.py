@@ -3,7 +3,7 @@
 Packing (`pack_sparse`, at compile time): W is cut into r×c blocks; every block row keeps only its
 blocks with a nonzero, in column order. Each stored block is its column *step* from the previous block
 of its row (one byte, in units of c; a gap wider than 255 steps is bridged by all-zero filler blocks)
-followed by its r·c weights (row-major, int8 or float32). A table of int32 block counts per block row
+followed by its r·c weights (row-major, int8, int16 for the int16-pair route, or float32). A table of int32 block counts per block row
 (prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero.
 
 Kernel (`emit_sparse_linear`): x is first transposed into scratch xT, 32-bit elements at a time (16 × 16
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from llvmlite import ir
 
+from lowbit.ir.dtypes import DType
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.gemm_f32 import Epilogue as FloatEpilogue
 from lowbit.kernels.gemm_f32 import finish as float_finish
@@ -113,6 +114,7 @@ class SparseSpec:
     vnni: tuple[int, ...] = ()
     madd: tuple[int, ...] = ()
     sdot: bool = False
+    compact: bool = False  # the pairs route with int8 weights, widened at run time (optimising for size)
 
     @property
     def width(self) -> int:
@@ -147,6 +149,14 @@ class SparseSpec:
     @property
     def padded_m(self) -> int:
         return -(-self.m // self.width) * self.width
+
+    @property
+    def weight(self) -> np.dtype:
+        """How the packed weights are stored: int8, int16 for the pairs route unless `compact` (a group of
+        weights is then one int32 in memory, broadcast as it is), float32."""
+        if self.route == "pairs" and not self.compact:
+            return np.dtype(np.int16)
+        return np.dtype(np.float32 if self.route == "float" else np.int8)
 
     @property
     def xt_rows(self) -> int:
@@ -295,21 +305,23 @@ def _dot(builder: ir.IRBuilder, spec: SparseSpec, acc: ir.Value, a: ir.Value, w:
 def _words(b: ir.IRBuilder, spec: SparseSpec, values: ir.Value, column: ir.Value) -> list:
     """A stored block's weights as (xT row, [int32 of `group` weights per block row]) pairs: whole groups
     when c is a multiple of the group, else the block's weights shifted to their place in the group of
-    their column. Weights are bytes for quads, int16 for pairs."""
+    their column."""
     r, c = spec.block
     group = spec.group
-    bits = 32 // group
+    bits = 32 // group  # (the packed weights' width)
     i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
+
+    widen = bits == 16 and spec.compact  # int8 weights for 16-bit places
 
     def weight(i: int, jj: int) -> ir.Value:
         value = b.load(b.gep(values, [i64(i * c + jj)]))
-        return b.zext(value if bits == 8 else b.sext(value, ir.IntType(16)), I32)
+        return b.zext(b.sext(value, ir.IntType(16)) if widen else value, I32)
 
     def whole(i: int, q: int) -> ir.Value:
+        if not widen:
+            return b.load(b.bitcast(b.gep(values, [i64(i * c + group * q)]), I32.as_pointer()), align=1)
         data = b.load(b.bitcast(b.gep(values, [i64(i * c + group * q)]), ll.vector(I8, group).as_pointer()), align=1)
-        if bits == 16:
-            data = b.sext(data, ll.vector(ir.IntType(16), group))
-        return b.bitcast(data, I32)
+        return b.bitcast(b.sext(data, ll.vector(ir.IntType(16), group)), I32)
 
     def placed(k: ir.Value, words: list) -> tuple:
         shift = b.trunc(b.mul(b.and_(k, i64(group - 1)), i64(bits)), I32)
@@ -366,8 +378,8 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
     r, c = spec.block
     width, mp = spec.width, spec.padded_m
     kind = ll.vector(spec.x_element, width)
-    value_element = I8 if spec.integer else F32
-    record = 1 + r * c * (1 if spec.integer else 4)
+    value_element = ll.element_type(DType.from_numpy(spec.weight))
+    record = 1 + r * c * spec.weight.itemsize
     counts = builder.bitcast(packed, I32.as_pointer())
     first = builder.sext(builder.load(builder.gep(counts, [row_block])), I64)
     last = builder.sext(builder.load(builder.gep(counts, [builder.add(row_block, ir.Constant(I64, 1))])), I64)
@@ -398,11 +410,13 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
             ll.store_vector(builder, accs[i * vectors + v], acc_t, builder.add(row_at, ir.Constant(I64, v * width)))
 
 
-def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue, buffers: int) -> ir.Function:
+def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue, buffers: int,
+                       in_rows=None) -> ir.Function:
     """`name(x, packed, *middle, out, scratch, thread, threads)` with `buffers` pointers in all (the
     `kernels.parallel` convention: a thread takes its share of the groups of `row_group` output rows;
     scratch holds `scratch_bytes` per thread). `epilogue(builder, args, acc, m, n0, valid)` finishes and
-    stores y[m, n0 : n0 + valid] from the `lanes`-wide vector acc (args: the kernel's arguments)."""
+    stores y[m, n0 : n0 + valid] from the `lanes`-wide vector acc (args: the kernel's arguments); before
+    it, `in_rows(builder, args, acc_t, n0, n1)`, when given, may rewrite accT's rows n0 ≤ n < n1 in place."""
     fn, builder, thread, threads = new_parallel_kernel(module, name, buffers)
     args = list(fn.args)[:buffers]
     x, packed = args[0], args[1]
@@ -434,6 +448,8 @@ def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue,
                                -(-rest // spec.width))
 
             ll.counted_loop(b, b.udiv(b.sub(n1, n0), ir.Constant(I64, r)), "br", body=over_rows)
+            if in_rows is not None:
+                in_rows(b, args, acc_g, n0, n1)
             _finish(b, spec, epilogue, args, acc_g, n0, n1)
 
         ll.counted_loop(builder, builder.sub(end, begin), "grp", body=over_group)
@@ -487,6 +503,39 @@ def integer_epilogue(product):
         pointers = [args[-2], *args[2:-2]]  # out, then the residual when there is one
         product.emit(builder, [[acc]], m, n0, valid, [*pointers, ir.Constant(I64, 0)])
     return apply
+
+
+def integer_rows_epilogue(spec: SparseSpec, rows_product, dtype, n: int):
+    """(in_rows, epilogue) for `emit_sparse_linear` when int8 results need no residual and whole vectors
+    tile accT's rows (`padded_m` a multiple of `lanes`): `rows_product` (a requantize.ProductEpilogue
+    over accT, channels along its rows, pitch `padded_m`, storing int32 with the result's clamp)
+    requantizes accT in place, one channel per vector — the orientation in which `fast_requant`'s paired
+    sequence applies — and the transposed vectors are then only narrowed to `dtype` and stored."""
+    lanes, mp = spec.lanes, spec.padded_m
+    i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
+
+    def in_rows(builder: ir.IRBuilder, args: list, acc_t: ir.Value, n0: ir.Value, n1: ir.Value) -> None:
+        pointers = [builder.bitcast(acc_t, I8.as_pointer()), i64(0)]
+
+        def row(b: ir.IRBuilder, i: ir.Value, _) -> None:
+            channel = b.add(n0, i)
+
+            def vector(b2: ir.IRBuilder, v: ir.Value, _) -> None:
+                col = b2.mul(v, i64(lanes))
+                acc = ll.load_vector(b2, acc_t, b2.add(b2.mul(channel, i64(mp)), col), lanes)
+                rows_product.emit(b2, [[acc]], channel, col, lanes, pointers)
+
+            ll.counted_loop(b, i64(mp // lanes), "rq", body=vector)
+
+        ll.counted_loop(builder, builder.sub(n1, n0), "rr", body=row)
+
+    def store(builder: ir.IRBuilder, args: list, acc: ir.Value, m: ir.Value, n0: ir.Value, valid: int) -> None:
+        element = ll.element_type(dtype)
+        out = builder.gep(builder.bitcast(args[-2], element.as_pointer()), [builder.add(builder.mul(m, i64(n)), n0)])
+        value = builder.trunc(acc, ll.vector(element, lanes)) if element.width < 32 else acc
+        ll.store_partial(builder, value, out, valid)
+
+    return in_rows, store
 
 
 def float_epilogue(epilogue: FloatEpilogue, n: int):

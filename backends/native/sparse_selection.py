@@ -33,7 +33,7 @@ from lowbit.backends.native.lowering import LowerContext
 from lowbit.ir import DType, Graph, Node, TensorType, constant_value
 from lowbit.kernels.gemm_f32 import Epilogue
 from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, float_epilogue, integer_epilogue,
-                                   pack_sparse)
+                                   integer_rows_epilogue, pack_sparse)
 
 KINDS = ("int8", "int8-pairs", "f32")
 DEFAULT_LANES = 16  # int32 / float32 lanes of the machine the defaults were measured on
@@ -132,7 +132,7 @@ def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, lay
     fastest by the cost model, or with `ctx.optimize == "size"` the packing with the fewest bytes, when it
     is smaller than the dense weights (int8: 1 byte a weight, f32: 4)."""
     if ctx.optimize == "size":
-        dtype = np.float32 if kind == "f32" else np.int8
+        dtype = np.float32 if kind == "f32" else np.int8  # (the pairs route widens int8 weights at run time)
         sizes = {block: pack_sparse(matrix if kind == "f32" else _padded(matrix, block), block, dtype).data.nbytes
                  for block in candidate_blocks(kind, layout)}
         block = min(sizes, key=sizes.get)
@@ -170,14 +170,15 @@ def _has(node: Node, index: int) -> bool:
 
 # -- lowerings --------------------------------------------------------------------------------------------
 def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bias: np.ndarray, requant,
-                         residual) -> bool:
+                         residual, bound: int) -> bool:
     """qlinear through the sparse kernel when its weight has a layout, the kernel is exact for it (8-bit
-    activations, centred weights in int8; the caller checked the int32 bound of the centred product) and
-    the cost model prefers it. True when lowered.
+    activations, centred weights in int8; the caller checked `bound`, the int32 bound of the centred product
+    and bias) and the cost model prefers it. True when lowered.
 
     The kernel may shift the activations (`SparseSpec.shift`), so its offsets are the bias minus the
     shifted zero point times each row's weight sum: modulo 2^32, which the int32 lanes wrap in, the same
     sums as the centred product."""
+    from lowbit.kernels.fast_requant import PairedEpilogue
     from lowbit.kernels.requantize import Corrections, ProductEpilogue
 
     x, layout = node.inputs[0].type, node.inputs[1].type.layout
@@ -190,7 +191,8 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     block = choose_packing(ctx, "int8-pairs" if spec.route == "pairs" else "int8", centred, rows, layout)
     if block is None:
         return False
-    packed = pack_sparse(_padded(centred, block), block, np.int8)
+    spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
+    packed = pack_sparse(_padded(centred, block), block, spec.weight)
     spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
     shift = x.quant.zero_point[0] + spec.shift
     offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
@@ -198,10 +200,16 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
+        if residual is None and spec.padded_m % lanes == 0:
+            in_accumulators = PairedEpilogue(module, f"{name}.rows", lanes, spec.padded_m, "row",
+                                             dataclasses.replace(requant, dtype=DType.i32), Corrections(offsets),
+                                             None, bound)
+            in_rows, store = integer_rows_epilogue(spec, in_accumulators, requant.dtype, n)
+            return emit_sparse_linear(module, name, spec, store, 4, in_rows)
         product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
         return emit_sparse_linear(module, name, spec, integer_epilogue(product), 4 + len(extra))
 
-    key = ("qlinear.sparse", spec, offsets, requant, residual, packed.data.tobytes())
+    key = ("qlinear.sparse", spec, offsets, requant, residual, bound, packed.data.tobytes())
     ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(packed.data, "qlinear sparse weights"), *extra,
                                       ctx.result(0), ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
     return True

@@ -195,7 +195,7 @@ def lower_qlinear(ctx: LowerContext, node: Node) -> None:
     centred, bias, residual = _centred_weights(node), _bias(node, n), _residual(node)
     requant, zx = requant_of(node), x.quant.zero_point[0]
     bound = _bound(node, k, bias)
-    if bound < INT32_LIMIT and lower_sparse_qlinear(ctx, node, centred, bias, requant, residual):
+    if bound < INT32_LIMIT and lower_sparse_qlinear(ctx, node, centred, bias, requant, residual, bound):
         return
     extra = [ctx.operand(3)] if residual else []
     if bound < INT32_LIMIT and _lower_amx_linear(ctx, node, centred, bias - zx * centred.sum(axis=1), rows, extra):

@@ -176,15 +176,16 @@ AVX2 = "avx2" in lowbit.Target.host().features
 @given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
        block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1)]),
        sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), residual=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
-def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, seed) -> None:
+       optimize=st.sampled_from(["speed", "size"]), seed=st.integers(0, 2**32 - 1))
+def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, optimize, seed) -> None:
     """The x86_64-avx2 target has no 4-byte dot product: its int8 kernel takes int16 pairs of K through
-    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing."""
+    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing; weights
+    packed as int16, or as int8 widened at run time when optimising for size (which picks its packing)."""
     rng = np.random.default_rng(seed)
     graph, feeds = qlinear_graph(rng, rows, k, n, (1, 1), sparsity, x_dtype, True, residual, DType.i8)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparse_selection, "best_block", lambda kind, matrix, m, layout, lanes: block)
-        model = lowbit.compile(graph, "x86_64-avx2")
+        model = lowbit.compile(graph, "x86_64-avx2", optimize=optimize)
     np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
 
 
