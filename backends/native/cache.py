@@ -4,9 +4,11 @@ lowbit's own code generator (so an edited kernel never reuses stale code).
 
 The folder is `$LOWBIT_CACHE_DIR`, else `~/.cache/lowbit`; `LOWBIT_CACHE_DIR=off` turns the cache off.
 Entries are written to a temporary name and renamed, so concurrent compiles never see half a file.
-The folder is kept under `$LOWBIT_CACHE_LIMIT_MB` megabytes (default 1024): after each store the least
-recently used entries go (a load counts as a use), since every edit of lowbit's code generator makes
-all older entries unreachable.
+The folder is kept under about `$LOWBIT_CACHE_LIMIT_MB` megabytes (default 1024), since every edit of
+lowbit's code generator makes all older entries unreachable: when a store takes it over the limit, the
+least recently used entries go (a load counts as a use) until 90% of it is left. A process lists the
+folder on its first store and then counts its own stores, so that a store does not cost a stat of every
+file (tens of thousands in a busy cache).
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def store_entry(key: str, entry: CacheEntry) -> None:
                 handle.write(data)
             os.replace(handle.name, folder / f"{key}{suffix}")
         _touch(folder / f"{key}.json")
-        trim(folder, cache_limit_bytes())
+        _account(folder, sum(len(data) for data in (entry.code, entry.weights)), cache_limit_bytes())
     except OSError:
         pass  # a read-only or full disk costs a recompile next time, nothing else
 
@@ -116,9 +118,24 @@ def cache_limit_bytes() -> int:
         return 1024 * 2**20
 
 
-def trim(folder: Path, limit: int) -> None:
-    """Delete the least recently used entries (by their .json's time) until the folder's entries fit
-    in `limit` bytes."""
+TRIM_TO = 0.9  # a trim leaves this fraction of the limit, so that the next ones are many stores away
+_usage: dict[Path, int] = {}  # bytes in each cache folder as this process last counted them, plus its stores
+
+
+def _account(folder: Path, stored: int, limit: int) -> None:
+    """Count a store of `stored` bytes; trim when the folder may be over `limit`. Listing the folder costs
+    a stat per file, so it happens on a process's first store and when its count passes the limit (other
+    processes' stores are seen then: the limit is kept approximately)."""
+    if folder in _usage:
+        _usage[folder] += stored
+        if _usage[folder] <= limit:
+            return
+    _usage[folder] = trim(folder, limit)
+
+
+def trim(folder: Path, limit: int) -> int:
+    """When the folder's entries take more than `limit` bytes, delete the least recently used ones (by
+    their .json's time) until they fit in `TRIM_TO` of it. Returns the bytes left."""
     entries: dict[str, list] = {}  # key → [time of use, bytes, files]
     for path in folder.iterdir():
         key, _, suffix = path.name.partition(".")
@@ -131,9 +148,12 @@ def trim(folder: Path, limit: int) -> None:
         if suffix == "json":
             entry[0] = stat.st_mtime_ns
     total = sum(entry[1] for entry in entries.values())
+    if total <= limit:
+        return total
     for _, size, files in sorted(entries.values(), key=lambda entry: entry[0]):
-        if total <= limit:
+        if total <= TRIM_TO * limit:
             break
         for path in files:
             path.unlink(missing_ok=True)
         total -= size
+    return total

@@ -69,3 +69,20 @@ def test_the_cache_keeps_under_its_size_limit_dropping_the_least_recently_used(c
     assert sum(path.stat().st_size for path in cache.iterdir()) <= 2.5 * entry_bytes
     assert lowbit.compile(graph(1)).from_cache and lowbit.compile(graph(3)).from_cache
     assert not lowbit.compile(graph(2)).from_cache
+
+
+def test_stores_under_the_limit_list_the_folder_once(cache, monkeypatch):
+    """Listing a big cache folder costs a stat per file: a process lists it on its first store, and again
+    only when its count of stored bytes passes the limit."""
+    from lowbit.backends.native import cache as disk_cache
+
+    listed = []
+    real_trim = disk_cache.trim
+    monkeypatch.setattr(disk_cache, "trim", lambda folder, limit: listed.append(folder) or real_trim(folder, limit))
+    for seed in range(4):
+        lowbit.compile(graph(seed))
+    assert listed == [cache]
+    entry_bytes = sum(path.stat().st_size for path in cache.iterdir()) / 4
+    monkeypatch.setenv("LOWBIT_CACHE_LIMIT_MB", str(4.5 * entry_bytes / 2**20))
+    lowbit.compile(graph(4))  # five entries: over the limit, trimmed to 90% of it
+    assert len(listed) == 2 and len(list(cache.glob("*.json"))) == 4
