@@ -239,21 +239,27 @@ def test_compile_quantized_and_run_the_artifact_folder(tmp_path):
     assert bad.returncode == 2 and "shapes of" in bad.stderr
 
 
-def test_compile_pruned_int8_mlp_for_size_is_under_8_percent_of_the_onnx_file(tmp_path):
+@pytest.mark.parametrize("batch", [1, 64])
+def test_compile_pruned_int8_mlp_for_size_is_under_8_percent_of_the_onnx_file(tmp_path, batch):
     """The pruning issue's size target: the 90%-sparse int8 MLP artifact (every file of it) ≤ 8% of the fp32
     ONNX file, with `--optimize-for size`; it still predicts what the reference interpreter predicts."""
     data = ROOT / "tests" / "data"
     with np.load(data / "digits_calib.npz") as calib, np.load(data / "digits_test.npz") as test:
-        np.savez(tmp_path / "calib.npz", input=calib["x"].reshape(len(calib["x"]), -1))
-        sample = test["x"][:1].reshape(1, -1)
+        np.savez(tmp_path / "calib.npz", input=calib["x"][:128].reshape(128, -1))
+        sample = test["x"][:batch].reshape(batch, -1)
     np.save(tmp_path / "x.npy", sample)
     folder = tmp_path / "mlp_sparse"
-    built = lowbit_cli("compile", str(data / "mlp.onnx"), "--prune", "magnitude:0.9", "--quantize", "int8",
-                       "--calibration", str(tmp_path / "calib.npz"), "--optimize-for", "size", "-o", str(folder))
+    built = lowbit_cli("compile", str(data / "mlp.onnx"), "--batch-size", str(batch), "--prune", "magnitude:0.9",
+                       "--quantize", "int8", "--calibration", str(tmp_path / "calib.npz"), "--optimize-for", "size",
+                       "-o", str(folder))
     assert built.returncode == 0, built.stderr
     artifact = sum(path.stat().st_size for path in folder.iterdir())
     assert artifact <= 0.08 * (data / "mlp.onnx").stat().st_size
     ran = lowbit_cli("run", str(folder), "--input", str(tmp_path / "x.npy"))
-    reference = lowbit_cli("run", str(data / "mlp.onnx"), "--input", str(tmp_path / "x.npy"))
+    reference = lowbit_cli("run", str(data / "mlp.onnx"), "--batch-size", str(batch), "--input",
+                           str(tmp_path / "x.npy"))
     assert ran.returncode == 0 and reference.returncode == 0, ran.stderr + reference.stderr
-    assert ran.stdout.split("argmax=")[1] == reference.stdout.split("argmax=")[1]
+    if batch == 1:  # (the pruned model's accuracy is 94.8%: some of 64 images may go another way)
+        assert ran.stdout.split("argmax=")[1] == reference.stdout.split("argmax=")[1]
+    else:
+        assert "logits': f32[64,10]" in ran.stdout

@@ -200,7 +200,8 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
-        if residual is None and spec.padded_m % lanes == 0:
+        # (optimising for size: one epilogue in place of the two passes, less code)
+        if residual is None and spec.padded_m % lanes == 0 and ctx.optimize != "size":
             in_accumulators = PairedEpilogue(module, f"{name}.rows", lanes, spec.padded_m, "row",
                                              dataclasses.replace(requant, dtype=DType.i32), Corrections(offsets),
                                              None, bound)
