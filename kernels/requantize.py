@@ -441,6 +441,28 @@ def quantize_body(dtype: DType, qmin: int, qmax: int) -> Body:
     return body
 
 
+def quantize_by_inverse_body(dtype: DType, qmin: int, qmax: int, scale: float, zero_point: int) -> Body:
+    """`quantize_body` for float32 x, one compile-time scale and zero point and results of at most 16 bits,
+    cheaper and with the same results: the quotients as `emit_dynamic_quantize` forms them (a product with
+    float32(1 / scale), the division only where a lane is too close to a rounding boundary), then the
+    zero point added and the clamp done in float32 (exact below 2^24; beyond, both clamp to the same end;
+    NaN fails the ordered comparisons and becomes qmin), and a 32-bit conversion. Operand: x."""
+    scale32 = np.float32(scale)
+    with np.errstate(over="ignore", divide="ignore"):  # (unusable inverses are never used)
+        inverse = np.float32(1) / scale32
+    usable = 2.0 ** -125 <= float(scale32) <= 2.0 ** 125
+
+    def body(b: ir.IRBuilder, values: list[ir.Value], width: int) -> ir.Value:
+        quotients = _rounded_quotients(b, values[0], ir.Constant(F32, float(scale32)), ir.Constant(F32, float(inverse)),
+                                       ir.Constant(ll.I1, int(usable)))
+        shifted = b.fadd(quotients, _splat(F32, float(zero_point), width))
+        low, high = _splat(F32, float(qmin), width), _splat(F32, float(qmax), width)
+        shifted = b.select(b.fcmp_ordered(">=", shifted, low), shifted, low)
+        shifted = b.select(b.fcmp_ordered("<=", shifted, high), shifted, high)
+        return b.trunc(b.fptosi(shifted, ll.vector(I32, width)), ll.vector(ll.element_type(dtype), width))
+    return body
+
+
 def dequantize_body(signed: bool) -> Body:
     """float32(q − zero_point) · scale: operands q, zero point (i64), scale (f32)."""
     def body(b: ir.IRBuilder, values: list[ir.Value], width: int) -> ir.Value:

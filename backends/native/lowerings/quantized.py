@@ -17,7 +17,7 @@ from lowbit.kernels.movement import broadcast_strides, contiguous_strides
 from lowbit.kernels.pool import PoolAxis, pool_kernel
 from lowbit.kernels.qpool import average_pool_kernel, global_average_kernel
 from lowbit.kernels.requantize import (Operand, Requant, dequantize_body, halves, map_kernel, quantize_body,
-                                       requantize_body, table_operand)
+                                       quantize_by_inverse_body, requantize_body, table_operand)
 
 
 def requant_of(node: Node) -> Requant:
@@ -70,10 +70,18 @@ def lower_quantize(ctx: LowerContext, node: Node) -> None:
         return
     shape = node.inputs[0].type.shape
     params = quantize_params(node.attrs)
+    dtype = node.attrs["dtype"]
+    result = (dtype, 1, contiguous_strides(shape), 0)
+    if len(params.scale) == 1 and node.inputs[0].type.dtype == DType.f32 and dtype.bits <= 16:
+        scale, zero_point = params.scale[0], params.zero_point[0]
+        _map(ctx, node, "quantize.inverse", shape, [_input(node, 0, shape)], result,
+             (params.qmin, params.qmax, scale, zero_point),
+             quantize_by_inverse_body(dtype, params.qmin, params.qmax, scale, zero_point),
+             [ctx.operand(0), ctx.result(0)])
+        return
     operands = [_input(node, 0, shape), table_operand(params.scale_array(shape), DType.f32, shape),
                 table_operand(params.zero_point_array(shape).astype(np.int64), DType.i64, shape)]
-    dtype = node.attrs["dtype"]
-    _map(ctx, node, "quantize", shape, operands, (dtype, 1, contiguous_strides(shape), 0), (params.qmin, params.qmax),
+    _map(ctx, node, "quantize", shape, operands, result, (params.qmin, params.qmax),
          quantize_body(dtype, params.qmin, params.qmax), [ctx.operand(0), ctx.result(0)])
 
 

@@ -85,6 +85,32 @@ def requantizing(graph: Graph, op: str, inputs: list, constants: list, rng: np.r
 
 
 # -- element-wise ops --------------------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None)
+@given(size=SIZES, dtype=st.sampled_from(ACTIVATIONS),
+       scale=st.one_of(st.floats(1e-4, 10.0), st.sampled_from([1 / 3, 2.0 ** -130, 1e30, 0.1])),
+       target=st.sampled_from(TARGETS), seed=st.integers(0, 2**32 - 1))
+def test_per_tensor_quantize_by_inverse(size, dtype, scale, target, seed) -> None:
+    """Float32 quantize with one scale multiplies by its inverse (dividing only near rounding boundaries)
+    and clamps in float32: the reference's values at halves and their neighbours, NaN, ±inf, subnormals,
+    huge values, every zero point extreme, tiny and huge scales."""
+    rng = np.random.default_rng(seed)
+    scale32 = np.float32(scale)
+    zp = zero_point(rng, dtype)
+    graph = Graph("quantize")
+    x = graph.add_input("x", TensorType((size + 16,), DType.f32))
+    node = graph.add_node("quantize", [x], dict(dtype=dtype, scale=(float(scale32),), zero_point=(zp,), axis=None,
+                                                group_size=None, bits=None))
+    graph.set_outputs([("y", node.output)])
+    with np.errstate(over="ignore"):
+        values = (rng.standard_normal(size) * scale32 * rng.choice([1, 100, 1e4, 1e8], size)).astype(np.float32)
+        halves = ((rng.integers(-300, 300, size) + 0.5) * scale32).astype(np.float32)
+    values = np.where(rng.random(size) < 0.5, values, np.nextafter(halves, rng.choice([-np.inf, np.inf], size)))
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 3e38, -3e38, 1e-45, -1e-45, scale32 * 2**24,
+                        -scale32 * 2**24, scale32 * 0.5, -scale32 * 0.5, scale32 * 1.5, 1.0, -1.0], np.float32)
+    check(graph, {"x": np.concatenate([special, values]).astype(np.float32)}, target)
+
+
+
 @st.composite
 def elementwise_cases(draw) -> dict:
     rank = draw(st.integers(1, 4))
