@@ -115,6 +115,7 @@ class SparseSpec:
     madd: tuple[int, ...] = ()
     sdot: bool = False
     compact: bool = False  # the pairs route with int8 weights, widened at run time (optimising for size)
+    x86: bool = False  # (the M = 1 kernel's gathers)
 
     @property
     def width(self) -> int:
@@ -284,7 +285,7 @@ def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Valu
         ll.counted_loop(builder, ir.Constant(I64, spec.m), "xt.tail", body=last)
 
 
-def _dot(builder: ir.IRBuilder, spec: SparseSpec, acc: ir.Value, a: ir.Value, w: ir.Value) -> ir.Value:
+def dot(builder: ir.IRBuilder, spec: SparseSpec, acc: ir.Value, a: ir.Value, w: ir.Value) -> ir.Value:
     """acc + per int32 lane the sum of the products of a's and w's `group` values (bytes: a unsigned for
     `vpdpbusd`, signed for `sdot`; w signed; int16 pairs: both signed) — exact, in modular int32."""
     width, module = acc.type.count, builder.module
@@ -353,7 +354,7 @@ def _integer_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Va
         for v in range(vectors):
             xv = ll.load_vector(b, base, ir.Constant(I64, v * width), width)
             for i in range(r):
-                accs[i * vectors + v] = _dot(b, spec, accs[i * vectors + v], xv, weights[i])
+                accs[i * vectors + v] = dot(b, spec, accs[i * vectors + v], xv, weights[i])
     return accs
 
 

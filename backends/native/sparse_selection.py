@@ -34,6 +34,7 @@ from lowbit.ir import DType, Graph, Node, TensorType, constant_value
 from lowbit.kernels.gemm_f32 import Epilogue
 from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, float_epilogue, integer_epilogue,
                                    integer_rows_epilogue, pack_sparse)
+from lowbit.kernels.sparse_gemv import Windows, emit_sparse_gemv, pack_windows, prepared_bytes
 
 KINDS = ("int8", "int8-pairs", "f32")
 DEFAULT_LANES = 16  # int32 / float32 lanes of the machine the defaults were measured on
@@ -47,16 +48,19 @@ class Costs:
     per_input: float
     per_mac: float
     dense_rows: float
+    per_window_vector: float  # the M = 1 kernel (`kernels.sparse_gemv`): a vector of windows gathered
+    per_row: float  # ... and a row of it (its total, the epilogue)
 
 
 DEFAULTS = {  # measured on an Emerald Rapids core (AVX-512 VNNI, dense int8 on AMX) with 512×512 weights,
     # M = 1 and 64 (int8); float32 on a Sapphire Rapids core
     "int8": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
-                  dense_rows=5.6),
+                  dense_rows=5.6, per_window_vector=4.1, per_row=3.1),
     # int8-pairs: the x86_64-avx2 target's kernels (sparse `vpmaddwd`, dense AVX2) on the same core
     "int8-pairs": Costs(per_value=0.15, per_block=1.7, per_output=0.5, per_input=0.5, per_mac=0.0195,
-                        dense_rows=0.45),
-    "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3),
+                        dense_rows=0.45, per_window_vector=1.9, per_row=2.2),
+    "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3,
+                 per_window_vector=4.5, per_row=0.93),
 }
 
 
@@ -114,6 +118,21 @@ def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int],
     return sparse < dense
 
 
+def prefer_gemv(kind: str, vectors: int, n: int, k: int) -> bool:
+    """Whether the M = 1 kernel with `vectors` vectors of windows beats the dense kernel for [N, K]."""
+    c = costs(kind)
+    return c.per_window_vector * vectors + c.per_row * n < c.per_mac * n * k * (1 + c.dense_rows)
+
+
+def gemv_windows(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndarray, layout) -> Windows | None:
+    """The packed windows for the M = 1 kernel when it is the one to use: one row of activations, a
+    sparse layout, optimising for speed (its packing is not the smallest) and the cost model's choice."""
+    if spec.m != 1 or layout is None or ctx.optimize == "size":
+        return None
+    windows = pack_windows(matrix, spec)
+    return windows if prefer_gemv(kind, windows.vectors, spec.n, spec.k) else None
+
+
 def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
     """Packing blocks to choose from: the bsr layout's block, single weights (CSR, also for csr and N:M)
     or, for int8, 1×4 blocks (the kernel's quads, storing the zeros beside a weight) and for int8-pairs
@@ -137,24 +156,31 @@ def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, lay
                  for block in candidate_blocks(kind, layout)}
         block = min(sizes, key=sizes.get)
         return block if sizes[block] < matrix.size * np.dtype(dtype).itemsize else None
-    lanes = _lanes(ctx)
+    lanes = _lanes(ctx.target)
     block = best_block(kind, matrix, m, layout, lanes)
     return block if prefer_sparse(kind, matrix, m, block, lanes) else None
 
 
-def _lanes(ctx: LowerContext) -> int:
-    return max(ctx.target.vector_bytes // 4, 4)
+def _lanes(target) -> int:
+    return max(target.vector_bytes // 4, 4)
 
 
-def integer_spec(ctx: LowerContext, m: int, k: int, n: int, x_signed: bool) -> SparseSpec:
-    """The int8 kernel's spec for the target, before a packing is chosen: the instructions it may use."""
-    features, x86 = ctx.target.features, ctx.target.arch == "x86_64"
+def integer_spec(target, m: int, k: int, n: int, x_signed: bool) -> SparseSpec:
+    """The int8 kernel's spec for `target`, before a packing is chosen: the instructions it may use."""
+    features, x86 = target.features, target.arch == "x86_64"
     vnni = (16,) if x86 and "avx512vnni" in features else ()
     if x86 and ("avxvnni" in features or {"avx512vnni", "avx512vl"} <= features):
         vnni += (4, 8)
     madd = ((4, 8) if "avx2" in features else (4,)) + ((16,) if "avx512bw" in features else ()) if x86 else ()
-    sdot = ctx.target.arch == "aarch64" and "dotprod" in features
-    return SparseSpec(m, k, n, (1, 1), 0, True, _lanes(ctx), x_signed, vnni, madd, sdot)
+    sdot = target.arch == "aarch64" and "dotprod" in features
+    return SparseSpec(m, k, n, (1, 1), 0, True, _lanes(target), x_signed, vnni, madd, sdot,
+                      x86=x86 and "avx2" in features)
+
+
+def float_spec(target, m: int, k: int, n: int) -> SparseSpec:
+    """The float32 kernel's spec for `target`, before a packing is chosen."""
+    return SparseSpec(m, k, n, (1, 1), 0, False, _lanes(target),
+                      x86=target.arch == "x86_64" and "avx2" in target.features)
 
 
 def _padded(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -185,21 +211,27 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     if layout is None or x.dtype not in (DType.u8, DType.i8) or not centred.size \
             or centred.min() < -128 or centred.max() > 127:
         return False
-    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
+    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx.target)
     n, k = centred.shape
-    spec = integer_spec(ctx, rows, k, n, x.dtype.is_signed)
-    block = choose_packing(ctx, "int8-pairs" if spec.route == "pairs" else "int8", centred, rows, layout)
-    if block is None:
-        return False
-    spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
-    packed = pack_sparse(_padded(centred, block), block, spec.weight)
-    spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+    spec = integer_spec(ctx.target, rows, k, n, x.dtype.is_signed)
+    kind = "int8-pairs" if spec.route == "pairs" else "int8"
+    windows = gemv_windows(ctx, kind, spec, centred, layout)
+    if windows is None:
+        block = choose_packing(ctx, kind, centred, rows, layout)
+        if block is None:
+            return False
+        spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
+        packed = pack_sparse(_padded(centred, block), block, spec.weight)
+        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
     shift = x.quant.zero_point[0] + spec.shift
     offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
                     .astype(np.int32).tolist())
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
+        if windows is not None:
+            product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
+            return emit_sparse_gemv(module, name, spec, integer_epilogue(product), 4 + len(extra))
         # (optimising for size: one epilogue in place of the two passes, less code)
         if residual is None and spec.padded_m % lanes == 0 and ctx.optimize != "size":
             in_accumulators = PairedEpilogue(module, f"{name}.rows", lanes, spec.padded_m, "row",
@@ -210,9 +242,11 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
         product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
         return emit_sparse_linear(module, name, spec, integer_epilogue(product), 4 + len(extra))
 
-    key = ("qlinear.sparse", spec, offsets, requant, residual, bound, packed.data.tobytes())
-    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(packed.data, "qlinear sparse weights"), *extra,
-                                      ctx.result(0), ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
+    data = packed.data if windows is None else windows.data
+    scratch = spec.scratch_bytes if windows is None else max(prepared_bytes(spec), 1)
+    key = ("qlinear.sparse", windows is not None, spec, offsets, requant, residual, bound, data.tobytes())
+    ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(data, "qlinear sparse weights"), *extra,
+                                      ctx.result(0), ctx.scratch(scratch, per_thread=True)], parallel=True)
     return True
 
 
@@ -227,19 +261,25 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
     if _has(node, 3) and node.inputs[3].type.shape != node.outputs[0].type.shape:
         return False  # a broadcast residual: the dense kernel handles it
     matrix = np.asarray(weights, np.float32)
-    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx)
-    block = choose_packing(ctx, "f32", matrix, rows, w.type.layout)
-    if block is None:
-        return False
+    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx.target)
     n, k = matrix.shape
-    packed = pack_sparse(matrix, block, np.float32)
-    spec = SparseSpec(rows, k, n, packed.block, packed.blocks_at, False, lanes)
+    spec = float_spec(ctx.target, rows, k, n)
+    windows = gemv_windows(ctx, "f32", spec, matrix, w.type.layout)
+    if windows is None:
+        block = choose_packing(ctx, "f32", matrix, rows, w.type.layout)
+        if block is None:
+            return False
+        packed = pack_sparse(matrix, block, np.float32)
+        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
     extra = [ctx.operand(i) for i in (2, 3) if _has(node, i)]
     finish = float_epilogue(epilogue, n)
-    key = ("linear.sparse", spec, epilogue, packed.data.tobytes())
-    ctx.call(ctx.kernel(key, lambda module, name: emit_sparse_linear(module, name, spec, finish, 4 + len(extra))),
-             [ctx.operand(0), ctx.constant(packed.data, "linear sparse weights"), *extra, ctx.result(0),
-              ctx.scratch(spec.scratch_bytes, per_thread=True)], parallel=True)
+    emit = emit_sparse_linear if windows is None else emit_sparse_gemv
+    data = packed.data if windows is None else windows.data
+    scratch = spec.scratch_bytes if windows is None else 1
+    key = ("linear.sparse", windows is not None, spec, epilogue, data.tobytes())
+    ctx.call(ctx.kernel(key, lambda module, name: emit(module, name, spec, finish, 4 + len(extra))),
+             [ctx.operand(0), ctx.constant(data, "linear sparse weights"), *extra, ctx.result(0),
+              ctx.scratch(scratch, per_thread=True)], parallel=True)
     return True
 
 
@@ -298,12 +338,13 @@ def _seconds(graph: Graph, feeds: dict, repeats: int, target: str) -> float:
 @contextlib.contextmanager
 def forced_sparse():
     """Within: every weight with a layout takes the sparse kernel (measurements, benchmarks)."""
-    global prefer_sparse
-    chooser, prefer_sparse = prefer_sparse, lambda *args: True
+    global prefer_sparse, prefer_gemv
+    choosers = prefer_sparse, prefer_gemv
+    prefer_sparse = prefer_gemv = lambda *args: True
     try:
         yield
     finally:
-        prefer_sparse = chooser
+        prefer_sparse, prefer_gemv = choosers
 
 
 def measured_target(kind: str) -> str:
@@ -327,24 +368,32 @@ def measure(kind: str, repeats: int = 30) -> Costs:
     target = measured_target(kind)
     seconds = lambda graph, feeds: _seconds(graph, feeds, repeats, target)  # noqa: E731
     base = seconds(*layer_graph(kind, np.ones((1, 1), np.float32), 1, False))  # call overhead
-    sparse_rows, sparse_times, dense_rows, dense_times = [], [], [], []
-    lanes = max(Target.parse(target).vector_bytes // 4, 4)
+    sparse_rows, sparse_times, dense_rows, dense_times, gemv_rows, gemv_times = [], [], [], [], [], []
+    parsed = Target.parse(target)
+    lanes = _lanes(parsed)
     for n, k in ((128, 512), (512, 256)):
         for rows in (1, 16, 64):
             for sparsity, block in ((0.5, (1, 1)), (0.9, (1, 1)), (0.9, (1, 4)), (0.9, (4, 1))):
                 matrix = random_sparse(rng, n, k, sparsity, block)
+                with forced_sparse():  # (one row: the M = 1 kernel)
+                    took = seconds(*layer_graph(kind, matrix, rows, True)) - base
+                if rows == 1:
+                    spec = float_spec(parsed, 1, k, n) if kind == "f32" else integer_spec(parsed, 1, k, n, False)
+                    gemv_rows.append([pack_windows(matrix, spec).vectors, n])
+                    gemv_times.append(took)
+                    continue
                 values, blocks = structure(kind, matrix, best_block(kind, matrix, rows, SparseLayout("csr"), lanes))
                 sparse_rows.append([values * math.ceil(rows / lanes), blocks, rows * (n + k)])
-                with forced_sparse():
-                    sparse_times.append(seconds(*layer_graph(kind, matrix, rows, True)) - base)
+                sparse_times.append(took)
             dense_rows.append([n * k * rows, n * k])
             dense_times.append(seconds(*layer_graph(kind, matrix, rows, False)) - base)
     fit = lambda rows, times: np.maximum(np.linalg.lstsq(np.asarray(rows, float), 1e9 * np.asarray(times),  # noqa
                                                          rcond=None)[0], 1e-6)
     per_value, per_block, per_element = fit(sparse_rows, sparse_times)
     per_mac, streaming = fit(dense_rows, dense_times)
+    per_window_vector, per_row = fit(gemv_rows, gemv_times)
     return Costs(float(per_value), float(per_block), float(per_element), float(per_element), float(per_mac),
-                 float(streaming / per_mac))
+                 float(streaming / per_mac), float(per_window_vector), float(per_row))
 
 
 def tune(repeats: int = 30) -> dict[str, dict[str, float]]:

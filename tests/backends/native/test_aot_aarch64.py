@@ -114,9 +114,9 @@ def test_networks_under_qemu(build, kind, target, tmp_path) -> None:
 
 # -- sparse kernels ---------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
-def _sparse_mlp(quantized: bool) -> Graph:
+def _sparse_mlp(quantized: bool, batch: int) -> Graph:
     """The digits MLP pruned to 90% (magnitude), int8 or float, its weights given sparse layouts."""
-    graph = lowbit.prune(digits_graph("mlp", False), "magnitude", sparsity=0.9)
+    graph = lowbit.prune(digits_graph("mlp", False, batch), "magnitude", sparsity=0.9)
     if quantized:
         images = np.load(DATA / "digits_calib.npz")["x"]
         graph = lowbit.quantize(graph, {"input": images.reshape(len(images), 784)})
@@ -125,13 +125,15 @@ def _sparse_mlp(quantized: bool) -> Graph:
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("quantized", [True, False], ids=["int8", "f32"])
-def test_sparse_kernels_under_qemu(build, target, quantized, tmp_path, monkeypatch) -> None:
-    """Every layer through the sparse kernel: AArch64's int8 routes are `sdot` over quads (dotprod) and
-    portable int16 pairs (NEON only)."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sparse_kernels_under_qemu(build, target, quantized, batch, tmp_path, monkeypatch) -> None:
+    """Every layer through the sparse kernels (one row: the gathering one): AArch64's int8 routes are
+    `sdot` over quads (dotprod) and portable int16 pairs (NEON only)."""
     from lowbit.backends.native import sparse_selection
 
     monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
-    graph = _sparse_mlp(quantized)
+    monkeypatch.setattr(sparse_selection, "prefer_gemv", lambda *args: True)
+    graph = _sparse_mlp(quantized, batch)
     assert any(v.type.layout is not None for v in graph.constants)
-    check_under_qemu(build, f"sparse-mlp-{quantized}-{target}", graph, target, digits_feeds("mlp", start=8),
-                     tmp_path)
+    check_under_qemu(build, f"sparse-mlp-{quantized}-{batch}-{target}", graph, target,
+                     digits_feeds("mlp", batch=batch, start=8), tmp_path)

@@ -210,6 +210,39 @@ def test_pairs_cost_kind_counts_pairs() -> None:
     assert sparse_selection.structure("int8-pairs", matrix, (1, 2)) == (3, 3)
 
 
+GEMV_TARGETS = ["host"] + (["x86_64-avx2"] if AVX2 else [])
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES, block=BLOCKS, sparsity=SPARSITIES,
+       x_dtype=st.sampled_from([DType.u8, DType.i8]), bias=st.booleans(), residual=st.booleans(),
+       out=st.sampled_from([DType.i8, DType.u8, DType.i32]), target=st.sampled_from(GEMV_TARGETS),
+       seed=st.integers(0, 2**32 - 1))
+def test_one_row_kernel_is_bit_exact(k, n, block, sparsity, x_dtype, bias, residual, out, target, seed) -> None:
+    """M = 1 goes to `kernels.sparse_gemv` (windows of nonzeros gathered along the vectors): quads through
+    `vpdpbusd` on this machine, int16 pairs through `vpmaddwd` on x86_64-avx2; float32 within rtol 1e-4."""
+    rng = np.random.default_rng(seed)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_selection, "prefer_gemv", lambda *args: True)
+        graph, feeds = qlinear_graph(rng, 1, k, n, block, sparsity, x_dtype, bias, residual, out)
+        model = lowbit.compile(graph, target)
+        assert "sparse weights" in str(model.program.calls)
+        np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
+        graph, feeds = linear_graph(rng, 1, k, n, block, sparsity, bias, residual, "relu")
+        got, want = lowbit.compile(graph, target).run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+def test_one_row_windows_cover_every_nonzero() -> None:
+    from lowbit.kernels.sparse_gemv import windows_per_row
+
+    row = np.zeros((1, 20), np.int8)
+    row[0, [0, 1, 3, 4, 9, 19]] = 1
+    assert windows_per_row(row, 4)[0].tolist() == [0, 4, 9, 19]  # 0–3, 4–7, 9–12, 19–22
+    assert windows_per_row(row, 2)[0].tolist() == [0, 3, 9, 19]
+    assert windows_per_row(row, 1)[0].tolist() == [0, 1, 3, 4, 9, 19]
+
+
 @pytest.mark.parametrize("kind", ["int8", "f32"])
 def test_results_do_not_depend_on_the_thread_count(kind) -> None:
     rng = np.random.default_rng(3)
