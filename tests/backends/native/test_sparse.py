@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit.backends.native import sparse_selection
+from lowbit.backends.native import compiler, sparse_selection
 from lowbit.ir import DType, Graph, TensorType
 from lowbit.ir.ops.quantized import fixed_point_attrs
 from lowbit.ir.types import QuantParams, SparseLayout
@@ -247,14 +247,23 @@ def test_one_row_windows_cover_every_nonzero() -> None:
 def test_results_do_not_depend_on_the_thread_count(kind) -> None:
     rng = np.random.default_rng(3)
     rows, k, n = 37, 520, 251  # ≥ the compiler's threshold for a team; groups of rows split unevenly
-    if kind == "int8":
-        graph, feeds = qlinear_graph(rng, rows, k, n, (1, 4), 0.8, DType.i8, True, True, DType.u8)
-    else:
-        graph, feeds = linear_graph(rng, rows, k, n, (1, 1), 0.8, True, False, "relu")
-    single = lowbit.compile(graph, num_threads=1)
-    team = lowbit.compile(graph, num_threads=2)
-    assert team.threads == 2
-    np.testing.assert_array_equal(single.run(feeds)["y"], team.run(feeds)["y"])
+    for rows in (rows, 1):  # (one row: the gathering kernel, its rows shared out the same way)
+        if kind == "int8":
+            graph, feeds = qlinear_graph(rng, rows, k, n, (1, 4), 0.8, DType.i8, True, True, DType.u8)
+        else:
+            graph, feeds = linear_graph(rng, rows, k, n, (1, 1), 0.8, True, False, "relu")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sparse_selection, "prefer_gemv", lambda *args: True)
+            patch.setattr(compiler, "PARALLEL_MIN_MACS", 0)
+            single = lowbit.compile(graph, num_threads=1)
+            team = lowbit.compile(graph, num_threads=2)
+        assert team.threads == 2
+        np.testing.assert_array_equal(single.run(feeds)["y"], team.run(feeds)["y"])
+        want = lowbit.run_reference(graph, feeds)["y"]
+        if kind == "int8":
+            np.testing.assert_array_equal(team.run(feeds)["y"], want)
+        else:
+            np.testing.assert_allclose(team.run(feeds)["y"], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("target", ["aarch64", "aarch64-dotprod", "x86_64-avx2", "x86_64-avxvnni"])
