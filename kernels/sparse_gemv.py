@@ -15,8 +15,9 @@ Kernel (`emit_sparse_gemv`): integer activations are first prepared in scratch a
 them (`kernels.sparse`: bytes shifted by `SparseSpec.shift`, or int16 for the pairs route), followed by
 padding, since a lane reads 4 bytes from its offset; float32 ones are read where they are. For each row,
 every vector gathers the 32-bit words of activations at its lanes' offsets and multiplies them with its
-weights (the route's dot product, `kernels.sparse.dot`, or an FMA); the row's total is the sum of the
-lanes. The totals of `lanes` consecutive rows form one vector for the epilogue, which `kernels.sparse`
+weights (the route's dot product, `kernels.sparse.dot`, or an FMA) into the row's accumulator vector; the
+accumulators of `lanes` consecutive rows are summed across their lanes together (`_sums`) into one
+vector of totals for the epilogue, which `kernels.sparse`
 shares (its m = 0). Threads take shares of those groups of rows; each prepares its own activations.
 """
 from __future__ import annotations
@@ -104,6 +105,24 @@ def _prepare(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, prepared: ir.
         builder.store(ir.Constant(I8, 0), builder.gep(prepared, [ir.Constant(I64, prepared_bytes(spec) - 1 - byte)]))
 
 
+def _sums(builder: ir.IRBuilder, vectors: list[ir.Value], add) -> ir.Value:
+    """The vector whose lane i is the sum of the lanes of vectors[i] (as many vectors as lanes): pairs of
+    neighbours combined level by level, each level halving the lanes that hold a vector's partial sums
+    (2(L − 1) two-source shuffles and L − 1 additions for L vectors, instead of a reduction each)."""
+    lanes = vectors[0].type.count
+    block = lanes  # lanes per vector's partial sums
+    while len(vectors) > 1:
+        half = block // 2
+        starts = [t * block for t in range(lanes // block)]
+        low = [base + at + j for base in (0, lanes) for at in starts for j in range(half)]
+        high = [index + half for index in low]
+        vectors = [add(builder.shuffle_vector(a, b, ll.const_vector(I32, low)),
+                       builder.shuffle_vector(a, b, ll.const_vector(I32, high)))
+                   for a, b in zip(vectors[::2], vectors[1::2])]
+        block = half
+    return vectors[0]
+
+
 X86_GATHERS = {16: ("llvm.x86.avx512.gather.dpi.512", ir.IntType(16), I32),
                8: ("llvm.x86.avx2.gather.d.d.256", None, I8), 4: ("llvm.x86.avx2.gather.d.d", None, I8)}
 
@@ -167,17 +186,13 @@ def emit_sparse_gemv(module: ir.Module, name: str, spec: SparseSpec, epilogue, b
                     return [ll.intrinsic(b2, "llvm.fma", b2.bitcast(found, kind), b2.bitcast(words, kind), carried[0])]
                 return [dot(b2, spec, carried[0], found, words)]
 
-            acc = ll.counted_loop(b, b.sub(last, first), "win", [ir.Constant(kind, None)], vector)[0]
-            add = b.fadd if spec.route == "float" else b.add
-            total = ll.tree_reduce(b, acc, lambda b2, low, high: add(low, high))
-            return b.extract_element(total, ir.Constant(I32, 0))
+            return ll.counted_loop(b, b.sub(last, first), "win", [ir.Constant(kind, None)], vector)[0]
 
         def rows(b: ir.IRBuilder, group: ir.Value, valid: int) -> None:
             n0 = b.mul(group, i64(lanes))
-            totals = ir.Constant(kind, None)
-            for i in range(valid):
-                totals = b.insert_element(totals, row_total(b, b.add(n0, i64(i))), ir.Constant(I32, i))
-            epilogue(b, args, totals, i64(0), n0, valid)
+            accs = [row_total(b, b.add(n0, i64(i))) for i in range(valid)]
+            accs += [ir.Constant(kind, None)] * (lanes - valid)
+            epilogue(b, args, _sums(b, accs, b.fadd if spec.route == "float" else b.add), i64(0), n0, valid)
 
         full = builder.select(builder.icmp_signed("<", end, i64(n // lanes)), end, i64(n // lanes))
         whole = builder.select(builder.icmp_signed("<", begin, full), builder.sub(full, begin), i64(0))
