@@ -55,12 +55,12 @@ class Costs:
 DEFAULTS = {  # measured on an Emerald Rapids core (AVX-512 VNNI, dense int8 on AMX) with 512×512 weights,
     # M = 1 and 64 (int8); float32 on a Sapphire Rapids core
     "int8": Costs(per_value=0.21, per_block=0.42, per_output=0.15, per_input=0.15, per_mac=0.00116,
-                  dense_rows=5.6, per_window_vector=4.1, per_row=3.1),
+                  dense_rows=5.6, per_window_vector=2.2, per_row=2.5),
     # int8-pairs: the x86_64-avx2 target's kernels (sparse `vpmaddwd`, dense AVX2) on the same core
     "int8-pairs": Costs(per_value=0.15, per_block=1.7, per_output=0.5, per_input=0.5, per_mac=0.0195,
                         dense_rows=0.45, per_window_vector=1.9, per_row=2.2),
     "f32": Costs(per_value=0.6, per_block=0.05, per_output=0.3, per_input=0.3, per_mac=0.0123, dense_rows=2.3,
-                 per_window_vector=4.5, per_row=0.93),
+                 per_window_vector=2.3, per_row=0.9),
 }
 
 
@@ -124,13 +124,18 @@ def prefer_gemv(kind: str, vectors: int, n: int, k: int) -> bool:
     return c.per_window_vector * vectors + c.per_row * n < c.per_mac * n * k * (1 + c.dense_rows)
 
 
-def gemv_windows(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndarray, layout) -> Windows | None:
-    """The packed windows for the M = 1 kernel when it is the one to use: one row of activations, a
+GEMV_LANES = 8  # the M = 1 kernel's widest vectors: 16-lane gathers were about 10% slower (Emerald Rapids)
+
+
+def gemv_windows(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndarray, layout
+                 ) -> tuple[SparseSpec, Windows] | None:
+    """The M = 1 kernel's spec and packed windows when it is the one to use: one row of activations, a
     sparse layout, optimising for speed (its packing is not the smallest) and the cost model's choice."""
     if spec.m != 1 or layout is None or ctx.optimize == "size":
         return None
+    spec = dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
     windows = pack_windows(matrix, spec)
-    return windows if prefer_gemv(kind, windows.vectors, spec.n, spec.k) else None
+    return (spec, windows) if prefer_gemv(kind, windows.vectors, spec.n, spec.k) else None
 
 
 def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
@@ -215,8 +220,11 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     n, k = centred.shape
     spec = integer_spec(ctx.target, rows, k, n, x.dtype.is_signed)
     kind = "int8-pairs" if spec.route == "pairs" else "int8"
-    windows = gemv_windows(ctx, kind, spec, centred, layout)
-    if windows is None:
+    gemv = gemv_windows(ctx, kind, spec, centred, layout)
+    windows = None if gemv is None else gemv[1]
+    if gemv is not None:
+        spec, lanes = gemv[0], gemv[0].lanes
+    else:
         block = choose_packing(ctx, kind, centred, rows, layout)
         if block is None:
             return False
@@ -264,8 +272,11 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
     rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx.target)
     n, k = matrix.shape
     spec = float_spec(ctx.target, rows, k, n)
-    windows = gemv_windows(ctx, "f32", spec, matrix, w.type.layout)
-    if windows is None:
+    gemv = gemv_windows(ctx, "f32", spec, matrix, w.type.layout)
+    windows = None if gemv is None else gemv[1]
+    if gemv is not None:
+        spec = gemv[0]
+    else:
         block = choose_packing(ctx, "f32", matrix, rows, w.type.layout)
         if block is None:
             return False
@@ -379,6 +390,7 @@ def measure(kind: str, repeats: int = 30) -> Costs:
                     took = seconds(*layer_graph(kind, matrix, rows, True)) - base
                 if rows == 1:
                     spec = float_spec(parsed, 1, k, n) if kind == "f32" else integer_spec(parsed, 1, k, n, False)
+                    spec = dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
                     gemv_rows.append([pack_windows(matrix, spec).vectors, n])
                     gemv_times.append(took)
                     continue
