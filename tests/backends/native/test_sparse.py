@@ -4,6 +4,8 @@ rows, an all-zero matrix, gaps wider than the packing's one-byte steps); the pac
 choice of the cost model."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -231,6 +233,26 @@ def test_one_row_kernel_is_bit_exact(k, n, block, sparsity, x_dtype, bias, resid
         graph, feeds = linear_graph(rng, 1, k, n, block, sparsity, bias, residual, "relu")
         got, want = lowbit.compile(graph, target).run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+@pytest.mark.parametrize("kind, sparse_enough", [("int8", 0.9995), ("int8-pairs", 0.99), ("f32", 0.99)])
+def test_one_row_kernel_is_chosen_only_when_sparse_enough(kind, sparse_enough, monkeypatch) -> None:
+    """(int8 on an AVX-512 VNNI machine: its dense kernel streams one row's weights so fast that only
+    nearly empty matrices go sparse.)"""
+    from lowbit.backends.native.target import Target
+    from lowbit.kernels.sparse_gemv import pack_windows
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sparse_selection, "costs", sparse_selection.DEFAULTS.__getitem__)
+    rng = np.random.default_rng(4)
+    target = Target.named("x86_64-avx2" if kind == "int8-pairs" else "x86_64-avx512vnni")
+    spec = (sparse_selection.float_spec(target, 1, 512, 512) if kind == "f32"
+            else sparse_selection.integer_spec(target, 1, 512, 512, False))
+    spec = dataclasses.replace(spec, lanes=min(spec.lanes, sparse_selection.GEMV_LANES))
+    for sparsity, chosen in ((sparse_enough, True), (0.1, False)):
+        matrix = np.where(rng.random((512, 512)) < sparsity, 0, rng.integers(1, 100, (512, 512))).astype(np.int8)
+        vectors = pack_windows(matrix, spec).vectors
+        assert sparse_selection.prefer_gemv(kind, vectors, 512, 512) == chosen
 
 
 def test_one_row_windows_cover_every_nonzero() -> None:
