@@ -43,17 +43,34 @@ class Windows:
     vectors: int
 
 
-def windows_per_row(matrix: np.ndarray, group: int) -> list[np.ndarray]:
-    """The first column of each window covering row n's nonzeros, for every row of `matrix` [N, K]."""
-    starts = []
-    for row in matrix:
-        columns, first = np.flatnonzero(row), []
-        at = 0
-        while at < len(columns):
-            first.append(columns[at])
-            at = np.searchsorted(columns, columns[at] + group)
-        starts.append(np.asarray(first, np.int64))
-    return starts
+ROWS_AT_ONCE = 256  # rows whose next-nonzero table is built at a time (a table of int32 per weight)
+
+
+def windows(matrix: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, first columns) of the windows covering `matrix`'s [N, K] nonzeros, sorted by row, then
+    column. All rows step together: from each window's start, the next starts at the first nonzero at
+    least `group` columns on (a table of the next nonzero at or after each column)."""
+    n, k = matrix.shape
+    found_rows, found_starts = [], []
+    for r0 in range(0, n, ROWS_AT_ONCE):
+        block = matrix[r0:r0 + ROWS_AT_ONCE] != 0
+        columns = np.where(block, np.arange(k, dtype=np.int32), np.int32(k))
+        following = np.minimum.accumulate(columns[:, ::-1], axis=1)[:, ::-1]
+        following = np.concatenate([following, np.full((len(block), 1), k, np.int32)], axis=1)  # [rows, K + 1]
+        rows = np.arange(len(block))
+        current = following[:, 0]
+        while True:
+            active = current < k
+            if not active.any():
+                break
+            found_rows.append(rows[active] + r0)
+            found_starts.append(current[active])
+            current = np.where(active, following[rows, np.minimum(current + group, k)], k)
+    if not found_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    rows, starts = np.concatenate(found_rows).astype(np.int64), np.concatenate(found_starts).astype(np.int64)
+    order = np.lexsort((starts, rows))
+    return rows[order], starts[order]
 
 
 def pack_windows(matrix: np.ndarray, spec: SparseSpec) -> Windows:
@@ -63,17 +80,16 @@ def pack_windows(matrix: np.ndarray, spec: SparseSpec) -> Windows:
     element = {1: np.float32, 2: np.int16, 4: np.int8}[group]
     padded = np.zeros((n, k + group), element)
     padded[:, :k] = matrix
-    starts = windows_per_row(matrix, group)
-    counts = np.array([-(-len(s) // lanes) for s in starts], np.int64)
-    offsets = np.zeros((int(counts.sum()) * lanes,), np.int32)
-    words = np.zeros((int(counts.sum()) * lanes,), np.uint32)
-    at = 0
-    for row, first in enumerate(starts):
-        if len(first):
-            windows = padded[row, first[:, None] + np.arange(group)]  # [windows, group]
-            offsets[at:at + len(first)] = first * {4: 1, 2: 2, 1: 4}[group]  # bytes: int8, int16, float32
-            words[at:at + len(first)] = np.ascontiguousarray(windows).view(np.uint32).reshape(-1)
-        at += counts[row] * lanes
+    rows, starts = windows(matrix, group)
+    per_row = np.bincount(rows, minlength=n)
+    counts = -(-per_row // lanes)  # vectors per row
+    first_lane = (np.concatenate([[0], np.cumsum(counts)[:-1]]) * lanes)[rows]
+    rank = np.arange(len(rows)) - np.concatenate([[0], np.cumsum(per_row)[:-1]])[rows]
+    lane = first_lane + rank
+    offsets = np.zeros(int(counts.sum()) * lanes, np.int32)
+    words = np.zeros(int(counts.sum()) * lanes, np.uint32)
+    offsets[lane] = starts * {4: 1, 2: 2, 1: 4}[group]  # bytes: int8, int16, float32 activations
+    words[lane] = np.ascontiguousarray(padded[rows[:, None], starts[:, None] + np.arange(group)]).view(np.uint32)[:, 0]
     body = np.stack([offsets.reshape(-1, lanes).view(np.uint32), words.reshape(-1, lanes)], axis=1)
     head = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     data = np.concatenate([head.view(np.uint8), body.reshape(-1).view(np.uint8)])

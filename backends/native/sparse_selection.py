@@ -134,6 +134,9 @@ def gemv_windows(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndar
     if spec.m != 1 or layout is None or ctx.optimize == "size":
         return None
     spec = dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
+    fewest = -(-int(np.count_nonzero(matrix)) // (spec.group * spec.lanes))  # (windows all full: a bound)
+    if not prefer_gemv(kind, fewest, spec.n, spec.k):
+        return None  # (before the packing, which takes a while for large matrices)
     windows = pack_windows(matrix, spec)
     return (spec, windows) if prefer_gemv(kind, windows.vectors, spec.n, spec.k) else None
 

@@ -256,13 +256,15 @@ def test_one_row_kernel_is_chosen_only_when_sparse_enough(kind, sparse_enough, m
 
 
 def test_one_row_windows_cover_every_nonzero() -> None:
-    from lowbit.kernels.sparse_gemv import windows_per_row
+    from lowbit.kernels.sparse_gemv import windows
 
-    row = np.zeros((1, 20), np.int8)
-    row[0, [0, 1, 3, 4, 9, 19]] = 1
-    assert windows_per_row(row, 4)[0].tolist() == [0, 4, 9, 19]  # 0–3, 4–7, 9–12, 19–22
-    assert windows_per_row(row, 2)[0].tolist() == [0, 3, 9, 19]
-    assert windows_per_row(row, 1)[0].tolist() == [0, 1, 3, 4, 9, 19]
+    matrix = np.zeros((3, 20), np.int8)
+    matrix[0, [0, 1, 3, 4, 9, 19]] = 1
+    matrix[2, [2, 5]] = 1
+    for group, expected in ((4, [0, 4, 9, 19]), (2, [0, 3, 9, 19]), (1, [0, 1, 3, 4, 9, 19])):
+        rows, starts = windows(matrix, group)  # row 0: 0–3, 4–7, 9–12, 19–22 for quads; row 1 has none
+        assert starts[rows == 0].tolist() == expected and not (rows == 1).any()
+        assert starts[rows == 2].tolist() == ([2] if group == 4 else [2, 5])
 
 
 @pytest.mark.parametrize("kind", ["int8", "f32"])
