@@ -42,6 +42,7 @@ from lowbit.kernels.parallel import new_parallel_kernel, share, thread_scratch
 MAX_STEP = 255  # the widest column step one byte encodes
 ACCUMULATORS = 8  # accumulator vectors per register tile (r · V)
 IN_FLIGHT = 12  # independent accumulator vectors a block row keeps busy (hides FMA / vpdpbusd latency)
+UNROLL = 4  # stored blocks an iteration of the block row loop (about 5% on AVX2 at 90%)
 
 
 @dataclass(frozen=True)
@@ -398,8 +399,19 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
         values = b.bitcast(b.gep(at, [ir.Constant(I64, 1)]), value_element.as_pointer())
         return [column, *waiting, *products(b, spec, xt, values, column, m0, vectors, list(accs))]
 
-    carried = ll.counted_loop(builder, builder.sub(last, first), "nz",
-                              [ir.Constant(I64, 0), *[ir.Constant(kind, None)] * (count * chains)], step)
+    # UNROLL blocks an iteration, then the rest one by one
+    total, unroll = builder.sub(last, first), ir.Constant(I64, UNROLL)
+
+    def steps(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
+        for u in range(UNROLL):
+            carried = step(b, b.add(b.mul(j, unroll), ir.Constant(I64, u)), carried)
+        return carried
+
+    carried = ll.counted_loop(builder, builder.udiv(total, unroll), "nz",
+                              [ir.Constant(I64, 0), *[ir.Constant(kind, None)] * (count * chains)], steps)
+    done = builder.mul(builder.udiv(total, unroll), unroll)
+    carried = ll.counted_loop(builder, builder.urem(total, unroll), "nz1", carried,
+                              lambda b, j, c: step(b, b.add(done, j), c))
     accs = carried[1:1 + count]
     for chain in range(1, chains):
         add = builder.add if spec.integer else builder.fadd
