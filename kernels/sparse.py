@@ -115,7 +115,7 @@ class SparseSpec:
     vnni: tuple[int, ...] = ()
     madd: tuple[int, ...] = ()
     sdot: bool = False
-    compact: bool = False  # the pairs route with int8 weights, widened at run time (optimising for size)
+    compact: bool = False  # optimising for size: no unrolling; the pairs route's weights as int8, widened
     x86: bool = False  # (the M = 1 kernel's gathers)
 
     @property
@@ -399,11 +399,12 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
         values = b.bitcast(b.gep(at, [ir.Constant(I64, 1)]), value_element.as_pointer())
         return [column, *waiting, *products(b, spec, xt, values, column, m0, vectors, list(accs))]
 
-    # UNROLL blocks an iteration, then the rest one by one
-    total, unroll = builder.sub(last, first), ir.Constant(I64, UNROLL)
+    # UNROLL blocks an iteration (one when optimising for size), then the rest one by one
+    times = 1 if spec.compact else UNROLL
+    total, unroll = builder.sub(last, first), ir.Constant(I64, times)
 
     def steps(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
-        for u in range(UNROLL):
+        for u in range(times):
             carried = step(b, b.add(b.mul(j, unroll), ir.Constant(I64, u)), carried)
         return carried
 

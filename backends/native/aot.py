@@ -86,7 +86,8 @@ class Toolchain:
         if emit == "so":
             (folder / "exports.map").write_text("{ global: %s; local: *; };\n" % "; ".join(exports))
             _run(self.cc, "-shared", "-o", str(folder / LIBRARY), str(kernels), str(runtime),
-                 f"-Wl,--version-script={folder / 'exports.map'}", "-Wl,-z,noexecstack", "-lm", "-pthread",
+                 f"-Wl,--version-script={folder / 'exports.map'}", "-Wl,-z,noexecstack", "-Wl,-z,noseparate-code",
+                 "-lm", "-pthread",
                  "-s")  # no static symbol table: only the C interface is looked up (dynamically)
             return folder / LIBRARY
         _run(self.cc, "-r", "-nostdlib", "-o", str(folder / "combined.o"), str(kernels), str(runtime))

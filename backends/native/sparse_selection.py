@@ -284,7 +284,8 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
         if block is None:
             return False
         packed = pack_sparse(matrix, block, np.float32)
-        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at,
+                                   compact=ctx.optimize == "size")
     extra = [ctx.operand(i) for i in (2, 3) if _has(node, i)]
     finish = float_epilogue(epilogue, n)
     emit = emit_sparse_linear if windows is None else emit_sparse_gemv
