@@ -2,7 +2,8 @@
 a 512×512 weight at M = 64 and M = 1, unstructured and 1×4-block sparsity; and the 90%-sparse int8 digits
 MLP end to end against ONNX Runtime fp32 at batch 1 and 64 (the cost model's choice, all layers sparse,
 all dense), with the sizes of the default (cost model) and the all-sparse artifacts. Times include a
-call's fixed cost from Python, given on its own ("empty call").
+call's fixed cost from Python, given on its own ("empty call"); the layer rows also give the kernels'
+speed-up without it (an empty call's time, in the same interleaved rounds, taken from both).
 
     python bench/sparse.py [--rounds 30] [--layers-only] [--kinds int8,f32] [--target host|x86_64-avx2|…]
 
@@ -33,10 +34,14 @@ DATA = ROOT / "tests" / "data"
 
 
 def layers(rounds: int, kind: str, target: str = "host") -> list[str]:
-    """Rows compare the kernels themselves: every layer with a layout goes sparse here."""
+    """Rows compare the kernels themselves: every layer with a layout goes sparse here. "Kernels'
+    speed-up" leaves out the fixed cost of a call from Python: a 1×1 layer's time in the same rounds is
+    subtracted from both."""
     rng = np.random.default_rng(0)
-    lines = [f"| M | pattern | sparsity | dense {kind} µs | sparse {kind} µs | speed-up |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| M | pattern | sparsity | dense {kind} µs | sparse {kind} µs | speed-up | kernels' speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    empty_graph, empty_feeds = layer_graph(kind, np.ones((1, 1), np.float32), 1, False)
+    empty = lowbit.compile(empty_graph, target)
     for rows in (64, 1):
         for block in ((1, 1), (1, 4)):
             for sparsity in (0.5, 0.7, 0.9, 0.95):
@@ -48,10 +53,12 @@ def layers(rounds: int, kind: str, target: str = "host") -> list[str]:
                 with forced_sparse():
                     sparse = lowbit.compile(sparse_graph, target)
                 np.testing.assert_allclose(dense.run(feeds)["y"], sparse.run(feeds)["y"], rtol=1e-4, atol=1e-3)
-                times = interleaved({"dense": lambda: dense.run(feeds), "sparse": lambda: sparse.run(feeds)}, rounds)
+                times = interleaved({"dense": lambda: dense.run(feeds), "sparse": lambda: sparse.run(feeds),
+                                     "empty": lambda: empty.run(empty_feeds)}, rounds)
                 name = "unstructured" if block == (1, 1) else f"{block[0]}×{block[1]} blocks"
+                kernels = (times["dense"] - times["empty"]) / (times["sparse"] - times["empty"])
                 lines.append(f"| {rows} | {name} | {sparsity:.0%} | {1e6 * times['dense']:.1f} | "
-                             f"{1e6 * times['sparse']:.1f} | {times['dense'] / times['sparse']:.2f}× |")
+                             f"{1e6 * times['sparse']:.1f} | {times['dense'] / times['sparse']:.2f}× | {kernels:.2f}× |")
     return lines
 
 

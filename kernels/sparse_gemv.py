@@ -139,22 +139,17 @@ def _sums(builder: ir.IRBuilder, vectors: list[ir.Value], add) -> ir.Value:
     return vectors[0]
 
 
-X86_GATHERS = {16: ("llvm.x86.avx512.gather.dpi.512", ir.IntType(16), I32),
-               8: ("llvm.x86.avx2.gather.d.d.256", None, I8), 4: ("llvm.x86.avx2.gather.d.d", None, I8)}
-
-
 def _gatherer(builder: ir.IRBuilder, spec: SparseSpec, base: ir.Value):
     """`gather(b, offsets)`: the 32-bit words at base + offsets (bytes, an int32 vector). On x86 the gather
     instruction itself (LLVM's generic gather becomes single loads where it rates gathers slow), elsewhere
     the generic one."""
     lanes, module = spec.lanes, builder.module
     words = ll.vector(I32, lanes)
-    if spec.x86 and lanes in X86_GATHERS:
-        name, mask_type, scale_type = X86_GATHERS[lanes]
-        mask = ir.Constant(mask_type, -1) if mask_type else ir.Constant(words, [-1] * lanes)
-        function = ll.declare(module, name, words, words, I8.as_pointer(), words, mask.type, scale_type)
-        return lambda b, offsets: b.call(function, [ir.Constant(words, None), base, offsets, mask,
-                                                    ir.Constant(scale_type, 1)])
+    if spec.x86 and lanes == 8:  # (the lowering uses at most 8 lanes: `sparse_selection.GEMV_LANES`)
+        function = ll.declare(module, "llvm.x86.avx2.gather.d.d.256", words, words, I8.as_pointer(), words, words, I8)
+        everything = ir.Constant(words, [-1] * lanes)
+        return lambda b, offsets: b.call(function, [ir.Constant(words, None), base, offsets, everything,
+                                                    ir.Constant(I8, 1)])
     pointers = ir.VectorType(I32.as_pointer(), lanes)
     function = ll.declare(module, f"llvm.masked.gather.v{lanes}i32.v{lanes}p0", words, pointers, I32,
                           ll.vector(I1, lanes), words)
