@@ -202,6 +202,20 @@ def weight_data(rng: np.random.Generator, shape, kind: str) -> tuple[np.ndarray,
     return integers(rng, shape, DType.i8, -127, 127), params(DType.i8, scales, 0, 0)
 
 
+def dynamic_linear_graph(rng: np.random.Generator, rows: tuple[int, ...], k: int, n: int, weights: str,
+                         bias: bool) -> tuple[Graph, np.ndarray, QuantParams]:
+    """dynamic_linear of x [*rows, k] (float32, quantized at run time) by constant weights of kind `weights`
+    [n, k], with a float32 bias when `bias`; also the weights and their parameters."""
+    graph = Graph("dynamic")
+    x = graph.add_input("x", TensorType(rows + (k,), DType.f32))
+    data, quant = weight_data(rng, (n, k), weights)
+    inputs = [x, graph.add_constant(data, "w", TensorType(data.shape, DType.i8, quant))]
+    if bias:
+        inputs.append(graph.add_constant(rng.standard_normal(n).astype(np.float32), "b"))
+    graph.set_outputs([("y", graph.add_node("dynamic_linear", inputs).output)])
+    return graph, data, quant
+
+
 WEIGHTS = st.sampled_from(["channel", "channel", "7bit", "tensor", "asymmetric", "u8"])
 
 

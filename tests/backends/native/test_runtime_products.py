@@ -22,7 +22,8 @@ from lowbit.kernels import gemm_amx
 from lowbit.kernels.llvm import check_runs_here
 
 sys.path.insert(0, str(Path(__file__).parent))  # the graph builders of the quantized tests
-from test_quantized import SIZES, TARGETS, integers, params, requantizing, weight_data, zero_point  # noqa: E402
+from test_quantized import (SIZES, TARGETS, dynamic_linear_graph, integers, params, requantizing,  # noqa: E402
+                            zero_point)
 
 THREADS = (1, 2, 3)
 # the AMX route needs 16 rows and 16 columns; K across whole 64-byte steps, partial steps and groups of 4
@@ -195,13 +196,7 @@ def test_dynamic_quantization_rounds_as_the_division(seed: int) -> None:
 def test_dynamic_linear_amx(rows, k, n, weights, bias, seed) -> None:
     """x quantized at run time (values on half-integer quotients too) against int8 weights on AMX tiles."""
     rng = np.random.default_rng(seed)
-    graph = Graph("dynamic")
-    x = graph.add_input("x", TensorType(rows + (k,), DType.f32))
-    data, quant = weight_data(rng, (n, k), weights)
-    inputs = [x, graph.add_constant(data, "w", TensorType(data.shape, DType.i8, quant))]
-    if bias:
-        inputs.append(graph.add_constant(rng.standard_normal(n).astype(np.float32), "b"))
-    graph.set_outputs([("y", graph.add_node("dynamic_linear", inputs).output)])
+    graph, data, quant = dynamic_linear_graph(rng, rows, k, n, weights, bias)
     count = int(np.prod(rows)) * k
     values = np.resize(halfway_values(rng, count), count).reshape(rows + (k,))
     values.reshape(-1)[:2] = values.reshape(-1).min(), values.reshape(-1).max()

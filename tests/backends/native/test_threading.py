@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers shared with the other 
 from aot_cases import build_driver, digits_feeds, digits_graph, run_driver  # noqa: E402
 from float_cases import TARGETS as FLOAT_TARGETS  # noqa: E402
 from test_conv import convolutions  # noqa: E402
-from test_quantized import (activation_type, conv_cases, conv_graph, integers, linear_cases,  # noqa: E402
-                            matmul_cases, params, product_graph, requantizing, weight_data, zero_point)
+from test_quantized import (activation_type, conv_cases, conv_graph, dynamic_linear_graph, integers,  # noqa: E402
+                            linear_cases, matmul_cases, params, product_graph, requantizing, zero_point)
 
 THREADS = (1, 2, 3)
 
@@ -119,13 +119,7 @@ def test_qmatmul_threads(always_parallel, case: dict) -> None:
 def test_dynamic_linear_threads(always_parallel, rows, k, n, weights, bias) -> None:
     """Each thread quantizes x at run time into its own scratch; int8 tiles and the wide route."""
     rng = np.random.default_rng(6)
-    graph = Graph("dynamic")
-    x = graph.add_input("x", TensorType(rows + (k,), DType.f32))
-    data, quant = weight_data(rng, (n, k), weights)
-    inputs = [x, graph.add_constant(data, "w", TensorType(data.shape, DType.i8, quant))]
-    if bias:
-        inputs.append(graph.add_constant(rng.standard_normal(n).astype(np.float32), "b"))
-    graph.set_outputs([("y", graph.add_node("dynamic_linear", inputs).output)])
+    graph, _, _ = dynamic_linear_graph(rng, rows, k, n, weights, bias)
     check_exact(graph, {"x": rng.standard_normal(rows + (k,)).astype(np.float32)})
 
 
