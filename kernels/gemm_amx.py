@@ -23,7 +23,6 @@ loaded: `llvm.check_runs_here`).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -392,14 +391,7 @@ class AmxInt8Gemm(Int8Gemm):
                  offset: np.ndarray | None = None, name: str = "lowbit_gemm_amx") -> None:
         if not available(target):
             raise TargetError(f"the AMX int8 GEMM needs amx-tile and amx-int8, which target {target.name} lacks")
-        self.plan = plan_amx(weights, a_dtype, offset)
-        self.target, self.name = target, name
-        self.module = ll.new_module(name, target)
-        emit_amx_gemm(self.module, self.plan, name)
-        self._function = None
-        self._lock = threading.Lock()
-        self._scratch_cache = threading.local()
-        self.compile_seconds = None
+        self._build(plan_amx(weights, a_dtype, offset), emit_amx_gemm, target, name)
 
     @property
     def route(self) -> str:

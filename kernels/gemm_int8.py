@@ -697,10 +697,15 @@ class Int8Gemm:
     def __init__(self, weights: np.ndarray, a_dtype: DType | np.dtype | type | str, target: TargetSpec,
                  guarantee_7bit: bool = False, offset: np.ndarray | None = None, route: str | None = None,
                  tile: tuple[int, int] | None = None, name: str = "lowbit_gemm_int8") -> None:
-        self.plan = plan_gemm(weights, a_dtype, target, guarantee_7bit, offset, route, tile)
+        self._build(plan_gemm(weights, a_dtype, target, guarantee_7bit, offset, route, tile), emit_gemm, target,
+                    name)
+
+    def _build(self, plan, emit, target: TargetSpec, name: str) -> None:
+        """Generate `plan`'s module with `emit(module, plan, name)`; it is compiled on the first run."""
+        self.plan = plan
         self.target, self.name = target, name
         self.module = ll.new_module(name, target)
-        emit_gemm(self.module, self.plan, name)
+        emit(self.module, plan, name)
         self._function = None
         self._lock = threading.Lock()
         self._scratch_cache = threading.local()
