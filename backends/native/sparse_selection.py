@@ -25,6 +25,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,6 @@ from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, fl
 from lowbit.kernels.sparse_gemv import Windows, emit_sparse_gemv, pack_windows, prepared_bytes
 
 KINDS = ("int8", "int8-pairs", "f32")
-DEFAULT_LANES = 16  # int32 / float32 lanes of the machine the defaults were measured on
 
 
 @dataclass(frozen=True)
@@ -133,12 +133,17 @@ def gemv_windows(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndar
     sparse layout, optimising for speed (its packing is not the smallest) and the cost model's choice."""
     if spec.m != 1 or layout is None or ctx.optimize == "size":
         return None
-    spec = dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
+    spec = one_row(spec)
     fewest = -(-int(np.count_nonzero(matrix)) // (spec.group * spec.lanes))  # (windows all full: a bound)
     if not prefer_gemv(kind, fewest, spec.n, spec.k):
         return None  # (before the packing, which takes a while for large matrices)
     windows = pack_windows(matrix, spec)
     return (spec, windows) if prefer_gemv(kind, windows.vectors, spec.n, spec.k) else None
+
+
+def one_row(spec: SparseSpec) -> SparseSpec:
+    """`spec` as the M = 1 kernel takes it (at most GEMV_LANES lanes)."""
+    return dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
 
 
 def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
@@ -198,6 +203,28 @@ def _padded(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     return np.pad(matrix, ((0, 0), (0, extra))) if extra and matrix.shape[0] % block[0] == 0 else matrix
 
 
+class Packing(NamedTuple):
+    spec: SparseSpec
+    data: np.ndarray  # the packed weights
+    one_row: bool  # for the M = 1 kernel (`kernels.sparse_gemv`), else `kernels.sparse`
+    scratch_bytes: int  # per thread
+
+
+def _packed(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndarray, layout) -> Packing | None:
+    """The packing for the sparse kernel the cost model (or the size goal) picks, or None for the dense
+    kernel. int8 matrices are padded to whole blocks."""
+    gemv = gemv_windows(ctx, kind, spec, matrix, layout)
+    if gemv is not None:
+        return Packing(gemv[0], gemv[1].data, True, max(prepared_bytes(gemv[0]), 1))
+    block = choose_packing(ctx, kind, matrix, spec.m, layout)
+    if block is None:
+        return None
+    spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
+    packed = pack_sparse(_padded(matrix, block) if spec.integer else matrix, block, spec.weight)
+    spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+    return Packing(spec, packed.data, False, spec.scratch_bytes)
+
+
 def _has(node: Node, index: int) -> bool:
     return len(node.inputs) > index and node.inputs[index] is not None
 
@@ -219,28 +246,20 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
     if layout is None or x.dtype not in (DType.u8, DType.i8) or not centred.size \
             or centred.min() < -128 or centred.max() > 127:
         return False
-    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx.target)
     n, k = centred.shape
-    spec = integer_spec(ctx.target, rows, k, n, x.dtype.is_signed)
-    kind = "int8-pairs" if spec.route == "pairs" else "int8"
-    gemv = gemv_windows(ctx, kind, spec, centred, layout)
-    windows = None if gemv is None else gemv[1]
-    if gemv is not None:
-        spec, lanes = gemv[0], gemv[0].lanes
-    else:
-        block = choose_packing(ctx, kind, centred, rows, layout)
-        if block is None:
-            return False
-        spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
-        packed = pack_sparse(_padded(centred, block), block, spec.weight)
-        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+    spec = integer_spec(ctx.target, math.prod(x.shape[:-1]), k, n, x.dtype.is_signed)
+    chosen = _packed(ctx, "int8-pairs" if spec.route == "pairs" else "int8", spec, centred, layout)
+    if chosen is None:
+        return False
+    spec, data, one_row_kernel, scratch = chosen
+    lanes = spec.lanes
     shift = x.quant.zero_point[0] + spec.shift
     offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
                     .astype(np.int32).tolist())
     extra = [ctx.operand(3)] if residual else []
 
     def build(module, name):
-        if windows is not None:
+        if one_row_kernel:
             product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
             return emit_sparse_gemv(module, name, spec, integer_epilogue(product), 4 + len(extra))
         # (optimising for size: one epilogue in place of the two passes, less code)
@@ -253,9 +272,7 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
         product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
         return emit_sparse_linear(module, name, spec, integer_epilogue(product), 4 + len(extra))
 
-    data = packed.data if windows is None else windows.data
-    scratch = spec.scratch_bytes if windows is None else max(prepared_bytes(spec), 1)
-    key = ("qlinear.sparse", windows is not None, spec, offsets, requant, residual, bound, data.tobytes())
+    key = ("qlinear.sparse", one_row_kernel, spec, offsets, requant, residual, bound, data.tobytes())
     ctx.call(ctx.kernel(key, build), [ctx.operand(0), ctx.constant(data, "qlinear sparse weights"), *extra,
                                       ctx.result(0), ctx.scratch(scratch, per_thread=True)], parallel=True)
     return True
@@ -272,26 +289,15 @@ def lower_sparse_linear(ctx: LowerContext, node: Node, epilogue: Epilogue) -> bo
     if _has(node, 3) and node.inputs[3].type.shape != node.outputs[0].type.shape:
         return False  # a broadcast residual: the dense kernel handles it
     matrix = np.asarray(weights, np.float32)
-    rows, lanes = math.prod(x.shape[:-1]), _lanes(ctx.target)
     n, k = matrix.shape
-    spec = float_spec(ctx.target, rows, k, n)
-    gemv = gemv_windows(ctx, "f32", spec, matrix, w.type.layout)
-    windows = None if gemv is None else gemv[1]
-    if gemv is not None:
-        spec = gemv[0]
-    else:
-        block = choose_packing(ctx, "f32", matrix, rows, w.type.layout)
-        if block is None:
-            return False
-        packed = pack_sparse(matrix, block, np.float32)
-        spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at,
-                                   compact=ctx.optimize == "size")
+    chosen = _packed(ctx, "f32", float_spec(ctx.target, math.prod(x.shape[:-1]), k, n), matrix, w.type.layout)
+    if chosen is None:
+        return False
+    spec, data, one_row_kernel, scratch = chosen
     extra = [ctx.operand(i) for i in (2, 3) if _has(node, i)]
     finish = float_epilogue(epilogue, n)
-    emit = emit_sparse_linear if windows is None else emit_sparse_gemv
-    data = packed.data if windows is None else windows.data
-    scratch = spec.scratch_bytes if windows is None else 1
-    key = ("linear.sparse", windows is not None, spec, epilogue, data.tobytes())
+    emit = emit_sparse_gemv if one_row_kernel else emit_sparse_linear
+    key = ("linear.sparse", one_row_kernel, spec, epilogue, data.tobytes())
     ctx.call(ctx.kernel(key, lambda module, name: emit(module, name, spec, finish, 4 + len(extra))),
              [ctx.operand(0), ctx.constant(data, "linear sparse weights"), *extra, ctx.result(0),
               ctx.scratch(scratch, per_thread=True)], parallel=True)
@@ -368,10 +374,9 @@ def measured_target(kind: str) -> str:
     from lowbit.backends.native.target import Target
 
     host = Target.host()
-    if kind == "int8-pairs" and host.arch == "x86_64" and host.has("avx2") \
-            and ({"avxvnni"} & host.features or {"avx512vnni", "avx512vl"} <= host.features):
-        return "x86_64-avx2"
-    return "host"
+    dot_product = integer_spec(host, 16, 4, 4, False).route != "pairs"
+    return "x86_64-avx2" if kind == "int8-pairs" and host.arch == "x86_64" and host.has("avx2") and dot_product \
+        else "host"
 
 
 def measure(kind: str, repeats: int = 30) -> Costs:
@@ -394,7 +399,7 @@ def measure(kind: str, repeats: int = 30) -> Costs:
                     took = seconds(*layer_graph(kind, matrix, rows, True)) - base
                 if rows == 1:
                     spec = float_spec(parsed, 1, k, n) if kind == "f32" else integer_spec(parsed, 1, k, n, False)
-                    spec = dataclasses.replace(spec, lanes=min(spec.lanes, GEMV_LANES))
+                    spec = one_row(spec)
                     gemv_rows.append([pack_windows(matrix, spec).vectors, n])
                     gemv_times.append(took)
                     continue
