@@ -227,16 +227,17 @@ def _tiles(builder: ir.IRBuilder, rows: int, columns: int, size: int, name: str,
     rectangle(builder, full_r, rows - full_r, 0, columns, "e2")
 
 
-def _widen(b: ir.IRBuilder, spec: SparseSpec, data: ir.Value) -> ir.Value:
-    """`data` (count · group bytes of x, a vector) as `count` 32-bit elements of xT: quads of bytes shifted by
-    `spec.shift`, or pairs of bytes extended to int16."""
-    count = data.type.count // spec.group
+def activations(b: ir.IRBuilder, spec: SparseSpec, data: ir.Value) -> ir.Value:
+    """8-bit activations (a vector of bytes) as the integer route multiplies them: extended to int16 for
+    the pairs route, else bytes shifted by `spec.shift`."""
     if spec.group == 2:
-        extend = b.sext if spec.x_signed else b.zext
-        return b.bitcast(extend(data, ll.vector(ir.IntType(16), 2 * count)), ll.vector(I32, count))
-    if spec.shift:
-        data = b.xor(data, ir.Constant(data.type, [0x80] * data.type.count))
-    return b.bitcast(data, ll.vector(I32, count))
+        return (b.sext if spec.x_signed else b.zext)(data, ll.vector(ir.IntType(16), data.type.count))
+    return b.xor(data, ir.Constant(data.type, [0x80] * data.type.count)) if spec.shift else data
+
+
+def _widen(b: ir.IRBuilder, spec: SparseSpec, data: ir.Value) -> ir.Value:
+    """`data` (count · group bytes of x, a vector) as `count` 32-bit elements of xT."""
+    return b.bitcast(activations(b, spec, data), ll.vector(I32, data.type.count // spec.group))
 
 
 def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Value) -> None:

@@ -30,7 +30,7 @@ from llvmlite import ir
 from lowbit.kernels import llvm as ll
 from lowbit.kernels.llvm import F32, I1, I8, I32, I64
 from lowbit.kernels.parallel import new_parallel_kernel, share, thread_scratch
-from lowbit.kernels.sparse import SparseSpec, dot
+from lowbit.kernels.sparse import SparseSpec, activations, dot
 
 PADDING = 4  # bytes after the prepared activations: the last window's 4-byte read stays inside
 
@@ -103,20 +103,13 @@ def prepared_bytes(spec: SparseSpec) -> int:
 
 def _prepare(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, prepared: ir.Value) -> None:
     """prepared = x as the route wants it: bytes (shifted) or int16, then zero padding."""
-    lanes = spec.lanes
-    pairs = spec.route == "pairs"
-    element = ir.IntType(16) if pairs else I8
+    element = ir.IntType(16) if spec.route == "pairs" else I8
     out = builder.bitcast(prepared, element.as_pointer())
 
     def step(b: ir.IRBuilder, index: ir.Value, width: int) -> None:
-        values = ll.load_vector(b, x, index, width)
-        if pairs:
-            values = (b.sext if spec.x_signed else b.zext)(values, ll.vector(element, width))
-        elif spec.shift:
-            values = b.xor(values, ir.Constant(values.type, [0x80] * width))
-        ll.store_vector(b, values, out, index)
+        ll.store_vector(b, activations(b, spec, ll.load_vector(b, x, index, width)), out, index)
 
-    ll.strip_mine(builder, ir.Constant(I64, 0), spec.k, 4 * lanes, "prep", step)
+    ll.strip_mine(builder, ir.Constant(I64, 0), spec.k, 4 * spec.lanes, "prep", step)
     for byte in range(PADDING):
         builder.store(ir.Constant(I8, 0), builder.gep(prepared, [ir.Constant(I64, prepared_bytes(spec) - 1 - byte)]))
 
