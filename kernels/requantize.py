@@ -455,12 +455,22 @@ def quantize_by_inverse_body(dtype: DType, qmin: int, qmax: int, scale: float, z
     def body(b: ir.IRBuilder, values: list[ir.Value], width: int) -> ir.Value:
         quotients = _rounded_quotients(b, values[0], ir.Constant(F32, float(scale32)), ir.Constant(F32, float(inverse)),
                                        ir.Constant(ll.I1, int(usable)))
-        shifted = b.fadd(quotients, _splat(F32, float(zero_point), width))
-        low, high = _splat(F32, float(qmin), width), _splat(F32, float(qmax), width)
-        shifted = b.select(b.fcmp_ordered(">=", shifted, low), shifted, low)
-        shifted = b.select(b.fcmp_ordered("<=", shifted, high), shifted, high)
-        return b.trunc(b.fptosi(shifted, ll.vector(I32, width)), ll.vector(ll.element_type(dtype), width))
+        return _shifted_and_clamped(b, quotients, _splat(F32, float(zero_point), width), qmin, qmax,
+                                    ll.element_type(dtype))
     return body
+
+
+def _shifted_and_clamped(builder: ir.IRBuilder, quotients: ir.Value, zero_point: ir.Value, qmin: int, qmax: int,
+                         element: ir.Type) -> ir.Value:
+    """clamp(quotients + zero_point, qmin, qmax) in float32, as `element` integers: exact for integer-valued
+    quotients below 2^24 (beyond, the int64 sum clamps to the same end); NaN fails the ordered comparisons
+    and becomes qmin; a 32-bit conversion suffices (|qmin|, |qmax| < 2^31)."""
+    width = quotients.type.count
+    shifted = builder.fadd(quotients, zero_point)
+    low, high = _splat(F32, float(qmin), width), _splat(F32, float(qmax), width)
+    shifted = builder.select(builder.fcmp_ordered(">=", shifted, low), shifted, low)
+    shifted = builder.select(builder.fcmp_ordered("<=", shifted, high), shifted, high)
+    return builder.trunc(builder.fptosi(shifted, ll.vector(I32, width)), ll.vector(element, width))
 
 
 def dequantize_body(signed: bool) -> Body:
@@ -602,11 +612,7 @@ def emit_dynamic_quantize(builder: ir.IRBuilder, target: TargetSpec, x: ir.Value
 
     def step(b: ir.IRBuilder, index: ir.Value, width: int) -> None:
         quotients = _rounded_quotients(b, ll.load_vector(b, x, index, width), scale, inverse, usable)
-        shifted = b.fadd(quotients, ll.splat(b, ratio, width))
-        floor, top = _splat(F32, 0.0, width), _splat(F32, 255.0, width)
-        shifted = b.select(b.fcmp_ordered(">=", shifted, floor), shifted, floor)
-        shifted = b.select(b.fcmp_ordered("<=", shifted, top), shifted, top)
-        ll.store_vector(b, b.trunc(b.fptosi(shifted, ll.vector(I32, width)), ll.vector(ll.I8, width)), q, index)
+        ll.store_vector(b, _shifted_and_clamped(b, quotients, ll.splat(b, ratio, width), 0, 255, ll.I8), q, index)
 
     ll.strip_mine(builder, ir.Constant(I64, 0), count, max(target.vector_bytes // 4, 4), "quantize", step)
     return scale, zero_point
