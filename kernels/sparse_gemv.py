@@ -88,7 +88,7 @@ def pack_windows(matrix: np.ndarray, spec: SparseSpec) -> Windows:
     lane = first_lane + rank
     offsets = np.zeros(int(counts.sum()) * lanes, np.int32)
     words = np.zeros(int(counts.sum()) * lanes, np.uint32)
-    offsets[lane] = starts * {4: 1, 2: 2, 1: 4}[group]  # bytes: int8, int16, float32 activations
+    offsets[lane] = starts * padded.itemsize  # bytes (activations are as wide as the weights)
     words[lane] = np.ascontiguousarray(padded[rows[:, None], starts[:, None] + np.arange(group)]).view(np.uint32)[:, 0]
     body = np.stack([offsets.reshape(-1, lanes).view(np.uint32), words.reshape(-1, lanes)], axis=1)
     head = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -177,7 +177,7 @@ def emit_sparse_gemv(module: ir.Module, name: str, spec: SparseSpec, epilogue, b
         counts = builder.bitcast(packed, I32.as_pointer())
         vectors = builder.bitcast(builder.gep(packed, [i64(4 * (n + 1))]), I32.as_pointer())
 
-        def row_total(b: ir.IRBuilder, row: ir.Value) -> ir.Value:
+        def row_accumulator(b: ir.IRBuilder, row: ir.Value) -> ir.Value:
             first = b.sext(b.load(b.gep(counts, [row])), I64)
             last = b.sext(b.load(b.gep(counts, [b.add(row, i64(1))])), I64)
 
@@ -194,7 +194,7 @@ def emit_sparse_gemv(module: ir.Module, name: str, spec: SparseSpec, epilogue, b
 
         def rows(b: ir.IRBuilder, group: ir.Value, valid: int) -> None:
             n0 = b.mul(group, i64(lanes))
-            accs = [row_total(b, b.add(n0, i64(i))) for i in range(valid)]
+            accs = [row_accumulator(b, b.add(n0, i64(i))) for i in range(valid)]
             accs += [ir.Constant(kind, None)] * (lanes - valid)
             epilogue(b, args, _sums(b, accs, b.fadd if spec.route == "float" else b.add), i64(0), n0, valid)
 
