@@ -4,7 +4,10 @@ Packing (`pack_sparse`, at compile time): W is cut into r×c blocks; every block
 blocks with a nonzero, in column order. Each stored block is its column *step* from the previous block
 of its row (one byte, in units of c; a gap wider than 255 steps is bridged by all-zero filler blocks)
 followed by its r·c weights (row-major, int8, int16 for the int16-pair route, or float32). A table of int32 block counts per block row
-(prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero.
+(prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero. The int16-pair
+route has one more packing (`pack_paired`): records of two weights, one at an even k and one at an odd k
+anywhere in the row, whose rows of xT are blended so that one `vpmaddwd` takes both (single weights
+otherwise fill half of one); about 20% fewer vector operations at 90% unstructured sparsity.
 
 Kernel (`emit_sparse_linear`): x is first transposed into scratch xT, 32-bit elements at a time (16 × 16
 tiles transposed in registers): float32 [K, Mp]; for int8 either quads x[m, 4j : 4j + 4] of bytes [⌈K/4⌉,
@@ -48,13 +51,14 @@ UNROLL = 4  # stored blocks an iteration of the block row loop (about 5% on AVX2
 @dataclass(frozen=True)
 class Packed:
     """A packed sparse matrix: `data` (bytes) holds block-row prefix counts (int32, rows/r + 1) at 0, then
-    at `blocks_at` the `count` stored blocks of 1 + r·c·itemsize bytes each."""
+    at `blocks_at` the `count` stored blocks of 1 + r·c·itemsize bytes each (`pack_paired`: its records)."""
 
     data: np.ndarray
     block: tuple[int, int]
     count: int
     blocks_at: int
     nonzeros: int
+    aligned_at: int = 0  # (`pack_paired`)
 
 
 def fit_block(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
@@ -91,6 +95,64 @@ def pack_sparse(matrix: np.ndarray, block: tuple[int, int], dtype: np.dtype) -> 
     return Packed(data, (r, c), total, head.size, int(np.count_nonzero(matrix)))
 
 
+def pack_paired(matrix: np.ndarray) -> Packed:
+    """`matrix` [N, K] (int8 values, K even) for the pairs route's parity pairing. Per row, *crossed*
+    records join a weight at an even k with one at an odd k from different pairs of K: their xT rows are
+    blended, one int16 from each, so that one `vpmaddwd` multiplies both (an unstructured matrix has few
+    pairs with two nonzeros); *aligned* records hold the rest, one pair of K each (both its weights, or
+    one and a zero). Crossed: pair rows j_even, j_odd (uint16) and the int32 of the two int16 weights (the
+    even k's low); aligned: j and its int32. A table of int32 crossed counts per row (prefix sums), then
+    one of aligned counts, come first; `blocks_at` is where the crossed records begin, `aligned_at` the
+    aligned ones."""
+    n, k = matrix.shape
+    pairs = np.asarray(matrix, np.int16).reshape(n, k // 2, 2)
+    nonzero, evens, odds = _lone(pairs)
+    crossing = np.minimum(np.bincount(evens[0], minlength=n), np.bincount(odds[0], minlength=n))
+    even_crossed = _rank_in_row(evens[0], n) < crossing[evens[0]]  # a row's first evens with its first odds
+    odd_crossed = _rank_in_row(odds[0], n) < crossing[odds[0]]
+    rows, j_even, j_odd = evens[0][even_crossed], evens[1][even_crossed], odds[1][odd_crossed]
+    crossed = np.zeros(len(rows), CROSSED)
+    crossed["j_even"], crossed["j_odd"] = j_even, j_odd
+    crossed["weights"][:, 0], crossed["weights"][:, 1] = pairs[rows, j_even, 0], pairs[rows, j_odd, 1]
+    rest = nonzero.any(axis=2)
+    rest[rows, j_even] = rest[rows, j_odd] = False
+    aligned_rows, j = np.nonzero(rest)
+    aligned = np.zeros(len(aligned_rows), ALIGNED)
+    aligned["j"], aligned["weights"] = j, pairs[aligned_rows, j]
+    tables = [np.r_[0, np.cumsum(np.bincount(which, minlength=n))].astype(np.int32) for which in (rows, aligned_rows)]
+    head = np.concatenate(tables).view(np.uint8)
+    blocks_at = head.size
+    data = np.concatenate([head, crossed.view(np.uint8), aligned.view(np.uint8), np.zeros(64, np.uint8)])
+    return Packed(data, (1, 1), len(crossed) + len(aligned), blocks_at, int(np.count_nonzero(matrix)),
+                  blocks_at + crossed.nbytes)
+
+
+def paired_counts(matrix: np.ndarray) -> tuple[int, int]:
+    """(crossed, aligned) records of `pack_paired(matrix)`."""
+    n, k = matrix.shape
+    nonzero, evens, odds = _lone(np.asarray(matrix).reshape(n, k // 2, 2))
+    crossed = int(np.minimum(np.bincount(evens[0], minlength=n), np.bincount(odds[0], minlength=n)).sum())
+    return crossed, int(nonzero.any(axis=2).sum()) - 2 * crossed
+
+
+def _lone(pairs: np.ndarray) -> tuple:
+    """For weights [N, K/2, 2]: which are nonzero, and (rows, pair rows) of the pairs whose only nonzero is
+    the even k, then of those whose only nonzero is the odd k (in row order)."""
+    nonzero = pairs != 0
+    return nonzero, np.nonzero(nonzero[..., 0] & ~nonzero[..., 1]), np.nonzero(nonzero[..., 1] & ~nonzero[..., 0])
+
+
+CROSSED = np.dtype([("j_even", "<u2"), ("j_odd", "<u2"), ("weights", "<i2", 2)])
+ALIGNED = np.dtype([("j", "<u2"), ("weights", "<i2", 2)])
+MAX_PAIR_ROWS = 1 << 16  # (uint16 pair rows: K ≤ 131072 for the parity pairing)
+
+
+def _rank_in_row(rows: np.ndarray, n: int) -> np.ndarray:
+    """Each element's place among those of its row (`rows` sorted)."""
+    counts = np.bincount(rows, minlength=n)
+    return np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 def _ranks(counts: np.ndarray) -> np.ndarray:
     """For each repeat made by np.repeat(·, counts): its distance from the last copy (counts−1 … 0)."""
     ends = np.repeat(np.cumsum(counts), counts)
@@ -116,6 +178,7 @@ class SparseSpec:
     madd: tuple[int, ...] = ()
     sdot: bool = False
     compact: bool = False  # optimising for size: no unrolling; the pairs route's weights as int8, widened
+    aligned_at: int = 0  # nonzero: the pairs route's parity pairing (`pack_paired`), its aligned records
     x86: bool = False  # (the M = 1 kernel's gathers)
 
     @property
@@ -380,49 +443,101 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
     """accT[rows of block row `row_block`, m0 : m0 + V·width] = the row's blocks × xT (V = `vectors`)."""
     r, c = spec.block
     width, mp = spec.width, spec.padded_m
-    kind = ll.vector(spec.x_element, width)
-    value_element = ll.element_type(DType.from_numpy(spec.weight))
-    record = 1 + r * c * spec.weight.itemsize
-    counts = builder.bitcast(packed, I32.as_pointer())
-    first = builder.sext(builder.load(builder.gep(counts, [row_block])), I64)
-    last = builder.sext(builder.load(builder.gep(counts, [builder.add(row_block, ir.Constant(I64, 1))])), I64)
-    blocks = builder.gep(packed, [ir.Constant(I64, spec.blocks_at)])
     count = r * vectors
     # FMAs / dot products into few accumulators wait on each other: rotate several sets so that each set is
     # updated every `chains` blocks (their sum at the end)
     chains = max(1, IN_FLIGHT // count)
-    products = _integer_step if spec.integer else _float_step
+    zero = [ir.Constant(ll.vector(spec.x_element, width), None)] * (count * chains)
+    if spec.aligned_at:
+        carried = _paired_row(builder, spec, packed, xt, row_block, m0, vectors, zero, count)
+    else:
+        value_element = ll.element_type(DType.from_numpy(spec.weight))
+        record = 1 + r * c * spec.weight.itemsize
+        blocks = builder.gep(packed, [ir.Constant(I64, spec.blocks_at)])
+        products = _integer_step if spec.integer else _float_step
 
-    def step(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
-        column, accs, waiting = carried[0], carried[1:1 + count], carried[1 + count:]
-        at = b.gep(blocks, [b.mul(b.add(first, j), ir.Constant(I64, record))])
-        column = b.add(column, b.mul(b.zext(b.load(at), I64), ir.Constant(I64, c)))
-        values = b.bitcast(b.gep(at, [ir.Constant(I64, 1)]), value_element.as_pointer())
-        return [column, *waiting, *products(b, spec, xt, values, column, m0, vectors, list(accs))]
+        def step(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
+            column, accs, waiting = carried[0], carried[1:1 + count], carried[1 + count:]
+            at = b.gep(blocks, [b.mul(j, ir.Constant(I64, record))])
+            column = b.add(column, b.mul(b.zext(b.load(at), I64), ir.Constant(I64, c)))
+            values = b.bitcast(b.gep(at, [ir.Constant(I64, 1)]), value_element.as_pointer())
+            return [column, *waiting, *products(b, spec, xt, values, column, m0, vectors, list(accs))]
 
-    # UNROLL blocks an iteration (one when optimising for size), then the rest one by one
-    times = 1 if spec.compact else UNROLL
-    total, unroll = builder.sub(last, first), ir.Constant(I64, times)
-
-    def steps(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
-        for u in range(times):
-            carried = step(b, b.add(b.mul(j, unroll), ir.Constant(I64, u)), carried)
-        return carried
-
-    carried = ll.counted_loop(builder, builder.udiv(total, unroll), "nz",
-                              [ir.Constant(I64, 0), *[ir.Constant(kind, None)] * (count * chains)], steps)
-    done = builder.mul(builder.udiv(total, unroll), unroll)
-    carried = ll.counted_loop(builder, builder.urem(total, unroll), "nz1", carried,
-                              lambda b, j, c: step(b, b.add(done, j), c))
-    accs = carried[1:1 + count]
+        carried = _records(builder, spec, *_row_span(builder, packed, row_block), [ir.Constant(I64, 0), *zero],
+                           step)[1:]
+    accs = carried[:count]
     for chain in range(1, chains):
         add = builder.add if spec.integer else builder.fadd
-        accs = [add(a, w) for a, w in zip(accs, carried[1 + chain * count:1 + (chain + 1) * count])]
+        accs = [add(a, w) for a, w in zip(accs, carried[chain * count:(chain + 1) * count])]
     n0 = builder.mul(row_block, ir.Constant(I64, r))
     for i in range(r):
         row_at = builder.add(builder.mul(builder.add(n0, ir.Constant(I64, i)), ir.Constant(I64, mp)), m0)
         for v in range(vectors):
             ll.store_vector(builder, accs[i * vectors + v], acc_t, builder.add(row_at, ir.Constant(I64, v * width)))
+
+
+def _records(builder: ir.IRBuilder, spec: SparseSpec, first: ir.Value, last: ir.Value, carried: list, step
+             ) -> list:
+    """step(b, i, carried) -> carried for first ≤ i < last: UNROLL records an iteration (one when optimising
+    for size), then the rest one by one."""
+    times = 1 if spec.compact else UNROLL
+    total, unroll = builder.sub(last, first), ir.Constant(I64, times)
+
+    def steps(b: ir.IRBuilder, j: ir.Value, carried: list) -> list:
+        for u in range(times):
+            carried = step(b, b.add(first, b.add(b.mul(j, unroll), ir.Constant(I64, u))), carried)
+        return carried
+
+    carried = ll.counted_loop(builder, builder.udiv(total, unroll), "nz", carried, steps)
+    done = builder.add(first, builder.mul(builder.udiv(total, unroll), unroll))
+    return ll.counted_loop(builder, builder.urem(total, unroll), "nz1", carried,
+                           lambda b, j, c: step(b, b.add(done, j), c))
+
+
+def _paired_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir.Value, row: ir.Value,
+                m0: ir.Value, vectors: int, carried: list, count: int) -> list:
+    """A row's products from `pack_paired` records (the accumulator sets `carried`, rotated as in
+    `_block_row`): crossed records, then aligned ones."""
+    if spec.route != "pairs":
+        raise ValueError(f"the parity pairing is for the int16-pair route, not {spec.route!r}")
+    width, i64 = spec.width, lambda value: ir.Constant(I64, value)  # noqa: E731
+    halves = ll.vector(ir.IntType(16), 2 * width)
+    blend = ll.const_vector(I32, [i + (i % 2) * 2 * width for i in range(2 * width)])  # odd int16s from the second
+    def row_of(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
+        j = b.zext(b.load(b.bitcast(at, ir.IntType(16).as_pointer()), align=1), I64)
+        return b.gep(xt, [b.add(b.mul(j, i64(spec.padded_m)), m0)])
+
+    def word(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
+        return ll.splat(b, b.load(b.bitcast(at, I32.as_pointer()), align=1), width)
+
+    def products(b: ir.IRBuilder, accs: list, weights: ir.Value, vector_at) -> list:
+        return [dot(b, spec, acc, vector_at(v), weights) for v, acc in enumerate(accs)]
+
+    def crossed(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
+        at = b.gep(packed, [b.add(i64(spec.blocks_at), b.mul(i, i64(CROSSED.itemsize)))])
+        even, odd = row_of(b, at), row_of(b, b.gep(at, [i64(2)]))
+
+        def blended(v: int) -> ir.Value:
+            a, c = (b.bitcast(ll.load_vector(b, base, i64(v * width), width), halves) for base in (even, odd))
+            return b.bitcast(b.shuffle_vector(a, c, blend), ll.vector(I32, width))
+
+        return [*carried[count:], *products(b, carried[:count], word(b, b.gep(at, [i64(4)])), blended)]
+
+    def aligned(b: ir.IRBuilder, i: ir.Value, carried: list) -> list:
+        at = b.gep(packed, [b.add(i64(spec.aligned_at), b.mul(i, i64(ALIGNED.itemsize)))])
+        base = row_of(b, at)
+        return [*carried[count:], *products(b, carried[:count], word(b, b.gep(at, [i64(2)])),
+                                            lambda v: ll.load_vector(b, base, i64(v * width), width))]
+
+    carried = _records(builder, spec, *_row_span(builder, packed, row), carried, crossed)
+    return _records(builder, spec, *_row_span(builder, packed, builder.add(row, i64(spec.n + 1))), carried, aligned)
+
+
+def _row_span(builder: ir.IRBuilder, packed: ir.Value, at: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(first, last) records of a row from int32 prefix counts at element `at` of `packed`."""
+    counts = builder.bitcast(packed, I32.as_pointer())
+    return tuple(builder.sext(builder.load(builder.gep(counts, [builder.add(at, ir.Constant(I64, end))])), I64)
+                 for end in (0, 1))
 
 
 def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue, buffers: int,

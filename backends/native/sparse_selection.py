@@ -33,11 +33,13 @@ import numpy as np
 from lowbit.backends.native.lowering import LowerContext
 from lowbit.ir import DType, Graph, Node, TensorType, constant_value
 from lowbit.kernels.gemm_f32 import Epilogue
-from lowbit.kernels.sparse import (SparseSpec, emit_sparse_linear, fit_block, float_epilogue, integer_epilogue,
-                                   integer_rows_epilogue, pack_sparse)
+from lowbit.kernels.sparse import (MAX_PAIR_ROWS, SparseSpec, emit_sparse_linear, fit_block, float_epilogue,
+                                   integer_epilogue, integer_rows_epilogue, pack_paired, pack_sparse, paired_counts)
 from lowbit.kernels.sparse_gemv import Windows, emit_sparse_gemv, pack_windows, prepared_bytes
 
 KINDS = ("int8", "int8-pairs", "f32")
+PAIRED = "paired"  # the packing (in place of a block shape) of `kernels.sparse.pack_paired`
+CROSSED_PRODUCTS = 1.5  # a crossed record's vector operations in dot products: a blend, a product, a sum
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,14 @@ def tuning_fingerprint() -> bytes:
         return b"defaults"
 
 
-def structure(kind: str, matrix: np.ndarray, block: tuple[int, int]) -> tuple[int, int]:
+def structure(kind: str, matrix: np.ndarray, block: tuple[int, int] | str) -> tuple[float, int]:
     """(vector operations per accumulator vector, stored blocks) of `matrix` [N, K] packed with `block`
     (fillers ignored): an FMA per stored float; for int8 a dot product per group of K (a quad, or a pair
-    for int8-pairs) that a block row touches (a block narrower than a group lies in one)."""
+    for int8-pairs) that a block row touches (a block narrower than a group lies in one). PAIRED
+    (int8-pairs): its records, a crossed one counting CROSSED_PRODUCTS."""
+    if block == PAIRED:
+        crossed, aligned = paired_counts(_padded(matrix, (1, 2)))
+        return CROSSED_PRODUCTS * crossed + aligned, crossed + aligned
     if kind != "f32":
         matrix = _padded(matrix, block)
     n, k = matrix.shape
@@ -103,7 +109,8 @@ def structure(kind: str, matrix: np.ndarray, block: tuple[int, int]) -> tuple[in
     return blocks * r * groups, blocks
 
 
-def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> tuple[float, float]:
+def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int] | str, lanes: int
+              ) -> tuple[float, float]:
     """(sparse, dense) estimated nanoseconds for x [m, K] · matrixᵀ."""
     c = costs(kind)
     n, k = matrix.shape
@@ -113,7 +120,7 @@ def estimates(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lan
     return sparse, c.per_mac * n * k * (m + c.dense_rows)
 
 
-def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int], lanes: int) -> bool:
+def prefer_sparse(kind: str, matrix: np.ndarray, m: int, block: tuple[int, int] | str, lanes: int) -> bool:
     sparse, dense = estimates(kind, matrix, m, block, lanes)
     return sparse < dense
 
@@ -154,15 +161,19 @@ def candidate_blocks(kind: str, layout) -> list[tuple[int, int]]:
     return candidates + [(1, 1)] + {"int8": [(1, 4)], "int8-pairs": [(1, 2), (1, 4)]}.get(kind, [])
 
 
-def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int]:
-    """The packing block the model finds fastest."""
-    return min(candidate_blocks(kind, layout), key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
+def best_block(kind: str, matrix: np.ndarray, m: int, layout, lanes: int) -> tuple[int, int] | str:
+    """The packing the model finds fastest: a block, or for int8-pairs also PAIRED (when K allows)."""
+    candidates = candidate_blocks(kind, layout)
+    if kind == "int8-pairs" and -(-matrix.shape[1] // 2) <= MAX_PAIR_ROWS:
+        candidates.append(PAIRED)
+    return min(candidates, key=lambda block: estimates(kind, matrix, m, block, lanes)[0])
 
 
-def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, layout) -> tuple[int, int] | None:
-    """The block to pack `matrix` [N, K] with for x [m, K] · matrixᵀ, or None for the dense kernel: the
-    fastest by the cost model, or with `ctx.optimize == "size"` the packing with the fewest bytes, when it
-    is smaller than the dense weights (int8: 1 byte a weight, f32: 4)."""
+def choose_packing(ctx: LowerContext, kind: str, matrix: np.ndarray, m: int, layout
+                   ) -> tuple[int, int] | str | None:
+    """The block (or PAIRED) to pack `matrix` [N, K] with for x [m, K] · matrixᵀ, or None for the dense
+    kernel: the fastest by the cost model, or with `ctx.optimize == "size"` the block with the fewest
+    bytes, when it is smaller than the dense weights (int8: 1 byte a weight, f32: 4)."""
     if ctx.optimize == "size":
         dtype = np.float32 if kind == "f32" else np.int8  # (the pairs route widens int8 weights at run time)
         sizes = {block: pack_sparse(matrix if kind == "f32" else _padded(matrix, block), block, dtype).data.nbytes
@@ -220,8 +231,11 @@ def _packed(ctx: LowerContext, kind: str, spec: SparseSpec, matrix: np.ndarray, 
     if block is None:
         return None
     spec = dataclasses.replace(spec, compact=ctx.optimize == "size")
-    packed = pack_sparse(_padded(matrix, block) if spec.integer else matrix, block, spec.weight)
-    spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at)
+    if block == PAIRED:
+        packed = pack_paired(_padded(matrix, (1, 2)))
+    else:
+        packed = pack_sparse(_padded(matrix, block) if spec.integer else matrix, block, spec.weight)
+    spec = dataclasses.replace(spec, block=packed.block, blocks_at=packed.blocks_at, aligned_at=packed.aligned_at)
     return Packing(spec, packed.data, False, spec.scratch_bytes)
 
 

@@ -16,7 +16,7 @@ from lowbit.backends.native import compiler, sparse_selection
 from lowbit.ir import DType, Graph, TensorType
 from lowbit.ir.ops.quantized import fixed_point_attrs
 from lowbit.ir.types import QuantParams, SparseLayout
-from lowbit.kernels.sparse import pack_sparse
+from lowbit.kernels.sparse import CROSSED, pack_paired, pack_sparse
 
 SIZES = st.one_of(st.integers(1, 24), st.sampled_from([1, 2, 3, 7, 13, 17, 31, 61, 67]))
 BLOCKS = st.sampled_from([(1, 1), (1, 4), (4, 1), (2, 2)])
@@ -176,13 +176,14 @@ AVX2 = "avx2" in lowbit.Target.host().features
 @pytest.mark.skipif(not AVX2, reason="runs AVX2 code on this machine")
 @settings(max_examples=25, deadline=None)
 @given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
-       block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1)]),
+       block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1), sparse_selection.PAIRED]),
        sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), residual=st.booleans(),
        optimize=st.sampled_from(["speed", "size"]), seed=st.integers(0, 2**32 - 1))
 def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, optimize, seed) -> None:
     """The x86_64-avx2 target has no 4-byte dot product: its int8 kernel takes int16 pairs of K through
-    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing; weights
-    packed as int16, or as int8 widened at run time when optimising for size (which picks its packing)."""
+    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing (and the
+    parity pairing, which blends two rows of xT); weights packed as int16, or as int8 widened at run time
+    when optimising for size (which picks its packing)."""
     rng = np.random.default_rng(seed)
     graph, feeds = qlinear_graph(rng, rows, k, n, (1, 1), sparsity, x_dtype, True, residual, DType.i8)
     with pytest.MonkeyPatch.context() as patch:
@@ -203,13 +204,34 @@ def test_avx2_kernel_multiplies_int16_pairs() -> None:
 
 
 def test_pairs_cost_kind_counts_pairs() -> None:
-    """int8-pairs counts a product per pair of K in a stored block (a 1×4 block: two), int8 one per quad."""
+    """int8-pairs counts a product per pair of K in a stored block (a 1×4 block: two), int8 one per quad;
+    the parity pairing crosses a row's lone even-k weight with its lone odd-k one."""
     matrix = np.zeros((4, 16), np.float32)
     matrix[0, 4:8] = 1
     matrix[1, 1] = 1
-    assert sparse_selection.structure("int8", matrix, (1, 4)) == (2, 2)
-    assert sparse_selection.structure("int8-pairs", matrix, (1, 4)) == (4, 2)
-    assert sparse_selection.structure("int8-pairs", matrix, (1, 2)) == (3, 3)
+    matrix[2, [0, 5, 9, 11]] = 1  # lone evens 0; lone odds 5, 9, 11: one crossed record, two aligned
+    assert sparse_selection.structure("int8", matrix[:2], (1, 4)) == (2, 2)
+    assert sparse_selection.structure("int8-pairs", matrix[:2], (1, 4)) == (4, 2)
+    assert sparse_selection.structure("int8-pairs", matrix[:2], (1, 2)) == (3, 3)
+    assert sparse_selection.structure("int8-pairs", matrix, sparse_selection.PAIRED) == (
+        sparse_selection.CROSSED_PRODUCTS + 5, 6)
+    packed = pack_paired(matrix.astype(np.int8))
+    crossed = packed.data[packed.blocks_at:packed.aligned_at].view(CROSSED)
+    assert (crossed["j_even"].tolist(), crossed["j_odd"].tolist(), crossed["weights"].tolist()) == (
+        [0], [2], [[1, 1]])  # pair rows of k = 0 and k = 5
+
+
+def test_paired_kernel_blends_rows_of_pairs() -> None:
+    from lowbit.backends.native.compiler import Program
+    from lowbit.backends.native.target import Target
+    from lowbit.kernels import llvm as ll
+
+    graph, _ = qlinear_graph(np.random.default_rng(2), 64, 128, 16, (1, 1), 0.9, DType.u8, True, False, DType.i8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
+        program = Program(graph, Target.named("x86_64-avx2"))
+    assembly = ll.emit_assembly(program.module, program.target)
+    assert "vpblendw" in assembly and "vpmaddwd" in assembly
 
 
 GEMV_TARGETS = ["host"] + (["x86_64-avx2"] if AVX2 else [])
