@@ -503,6 +503,7 @@ def _paired_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: i
     width, i64 = spec.width, lambda value: ir.Constant(I64, value)  # noqa: E731
     halves = ll.vector(ir.IntType(16), 2 * width)
     blend = ll.const_vector(I32, [i + (i % 2) * 2 * width for i in range(2 * width)])  # odd int16s from the second
+
     def row_of(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
         j = b.zext(b.load(b.bitcast(at, ir.IntType(16).as_pointer()), align=1), I64)
         return b.gep(xt, [b.add(b.mul(j, i64(spec.padded_m)), m0)])
