@@ -289,20 +289,23 @@ def test_one_row_windows_cover_every_nonzero() -> None:
         assert starts[rows == 2].tolist() == ([2] if group == 4 else [2, 5])
 
 
-@pytest.mark.parametrize("kind", ["int8", "f32"])
-def test_results_do_not_depend_on_the_thread_count(kind) -> None:
+@pytest.mark.parametrize("kind, target", [("int8", "host"), ("f32", "host")]
+                         + ([("int8", "x86_64-avx2")] if AVX2 else []))  # (x86_64-avx2: the parity pairing)
+def test_results_do_not_depend_on_the_thread_count(kind, target) -> None:
     rng = np.random.default_rng(3)
     rows, k, n = 37, 520, 251  # ≥ the compiler's threshold for a team; groups of rows split unevenly
+    block = (1, 4) if target == "host" else (1, 1)
     for rows in (rows, 1):  # (one row: the gathering kernel, its rows shared out the same way)
         if kind == "int8":
-            graph, feeds = qlinear_graph(rng, rows, k, n, (1, 4), 0.8, DType.i8, True, True, DType.u8)
+            graph, feeds = qlinear_graph(rng, rows, k, n, block, 0.8, DType.i8, True, True, DType.u8)
         else:
             graph, feeds = linear_graph(rng, rows, k, n, (1, 1), 0.8, True, False, "relu")
         with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
             patch.setattr(sparse_selection, "prefer_gemv", lambda *args: True)
             patch.setattr(compiler, "PARALLEL_MIN_MACS", 0)
-            single = lowbit.compile(graph, num_threads=1)
-            team = lowbit.compile(graph, num_threads=2)
+            single = lowbit.compile(graph, target, num_threads=1)
+            team = lowbit.compile(graph, target, num_threads=2)
         assert team.threads == 2
         np.testing.assert_array_equal(single.run(feeds)["y"], team.run(feeds)["y"])
         want = lowbit.run_reference(graph, feeds)["y"]
