@@ -31,6 +31,15 @@ def digits_graph(name: str, quantized: bool, batch: int = 2) -> Graph:
     return lowbit.quantize(graph, {"input": _images(name, "calib")}) if quantized else graph
 
 
+@lru_cache(maxsize=None)
+def sparse_mlp(quantized: bool, batch: int) -> Graph:
+    """The digits MLP pruned to 90% (magnitude), int8 or float, its weights given sparse layouts."""
+    graph = lowbit.prune(digits_graph("mlp", False, batch), "magnitude", sparsity=0.9)
+    if quantized:
+        graph = lowbit.quantize(graph, {"input": _images("mlp", "calib")})
+    return lowbit.optimize(graph, "sparsify")
+
+
 def digits_feeds(name: str, batch: int = 2, start: int = 0) -> dict[str, np.ndarray]:
     return {"input": _images(name, "test", start + batch)[start:]}
 

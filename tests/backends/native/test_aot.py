@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # aot_cases: shared with the AArch64 tests
 
 import lowbit
-from aot_cases import DATA, MODELS, assert_matches, build_driver, digits_feeds, digits_graph, run_driver
+from aot_cases import DATA, MODELS, assert_matches, build_driver, digits_feeds, digits_graph, run_driver, sparse_mlp
 from lowbit.artifact import load
 from lowbit.backends.native.aot import Toolchain, export
 from lowbit.backends.native.target import Target
@@ -69,6 +69,22 @@ def test_c_driver_matches_reference(artifacts, name, quantized, tmp_path) -> Non
     driver = build_driver(CC, folder, tmp_path / "driver")
     feeds = digits_feeds(name, start=20)
     outputs = run_driver([str(driver)], graph, feeds, tmp_path, folder / "weights.bin", threads=4)
+    assert_matches(graph, outputs, lowbit.run_reference(graph, feeds))
+
+
+@pytest.mark.skipif("avx2" not in Target.host().features, reason="runs AVX2 code on this machine")
+@pytest.mark.parametrize("quantized", [True, False], ids=["int8", "f32"])
+def test_sparse_artifact_for_avx2_from_c(quantized, tmp_path, monkeypatch) -> None:
+    """The 90%-sparse MLP's artifact for x86_64-avx2, every layer on a sparse kernel (int8: the int16-pair
+    route, parity-paired for unstructured weights), run by the C driver: as exact as the reference."""
+    from lowbit.backends.native import sparse_selection
+
+    monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
+    graph = sparse_mlp(quantized, 2)
+    folder = export(graph, tmp_path / "artifact", target="x86_64-avx2")
+    driver = build_driver(CC, folder, tmp_path / "driver")
+    feeds = digits_feeds("mlp", start=30)
+    outputs = run_driver([str(driver)], graph, feeds, tmp_path, folder / "weights.bin", threads=2)
     assert_matches(graph, outputs, lowbit.run_reference(graph, feeds))
 
 

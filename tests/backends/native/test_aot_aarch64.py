@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # aot_cases
 sys.path.insert(0, str(Path(__file__).parents[2] / "e2e"))  # model_builders
 
 import lowbit
-from aot_cases import DATA, assert_matches, build_driver, digits_feeds, digits_graph, export_or_skip, run_driver
+from aot_cases import (assert_matches, build_driver, digits_feeds, digits_graph, export_or_skip, run_driver,
+                       sparse_mlp)
 from lowbit.errors import ShapeError
 from lowbit.ir import Graph
 
@@ -113,16 +114,6 @@ def test_networks_under_qemu(build, kind, target, tmp_path) -> None:
 
 
 # -- sparse kernels ---------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def _sparse_mlp(quantized: bool, batch: int) -> Graph:
-    """The digits MLP pruned to 90% (magnitude), int8 or float, its weights given sparse layouts."""
-    graph = lowbit.prune(digits_graph("mlp", False, batch), "magnitude", sparsity=0.9)
-    if quantized:
-        images = np.load(DATA / "digits_calib.npz")["x"]
-        graph = lowbit.quantize(graph, {"input": images.reshape(len(images), 784)})
-    return lowbit.optimize(graph, "sparsify")
-
-
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("quantized", [True, False], ids=["int8", "f32"])
 @pytest.mark.parametrize("batch", [1, 2])
@@ -133,7 +124,7 @@ def test_sparse_kernels_under_qemu(build, target, quantized, batch, tmp_path, mo
 
     monkeypatch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
     monkeypatch.setattr(sparse_selection, "prefer_gemv", lambda *args: True)
-    graph = _sparse_mlp(quantized, batch)
+    graph = sparse_mlp(quantized, batch)
     assert any(v.type.layout is not None for v in graph.constants)
     check_under_qemu(build, f"sparse-mlp-{quantized}-{batch}-{target}", graph, target,
                      digits_feeds("mlp", batch=batch, start=8), tmp_path)
