@@ -263,3 +263,25 @@ def test_compile_pruned_int8_mlp_for_size_is_under_8_percent_of_the_onnx_file(tm
         assert ran.stdout.split("argmax=")[1] == reference.stdout.split("argmax=")[1]
     else:
         assert "logits': f32[64,10]" in ran.stdout
+
+
+def test_tune_measures_and_the_cost_model_reads_it(tmp_path):
+    """`lowbit tune` fits the sparse/dense cost constants on this machine and writes them where the cost
+    model reads them (under XDG_CACHE_HOME); `python -m …sparse_selection` then prints the same ones."""
+    import os
+
+    from lowbit.backends.native.sparse_selection import KINDS, Costs
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "LOWBIT_CACHE_DIR": str(tmp_path / "compiled")}
+    tuned = subprocess.run([sys.executable, "-m", "lowbit.cli", "tune", "--repeats", "1"], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert tuned.returncode == 0, tuned.stderr
+    written = json.loads((tmp_path / "lowbit" / "sparse_tuning.json").read_text())
+    assert set(written) == set(KINDS)
+    for constants in written.values():
+        assert set(constants) == set(Costs.__dataclass_fields__)
+        assert all(np.isfinite(value) and value > 0 for value in constants.values())
+    shown = subprocess.run([sys.executable, "-m", "lowbit.backends.native.sparse_selection"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == written
