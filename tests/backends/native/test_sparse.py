@@ -16,7 +16,7 @@ from lowbit.backends.native import compiler, sparse_selection
 from lowbit.ir import DType, Graph, TensorType
 from lowbit.ir.ops.quantized import fixed_point_attrs
 from lowbit.ir.types import QuantParams, SparseLayout
-from lowbit.kernels.sparse import CROSSED, pack_paired, pack_sparse
+from lowbit.kernels.sparse import CROSSED, MAX_PAIR_ROWS, pack_paired, pack_sparse
 
 SIZES = st.one_of(st.integers(1, 24), st.sampled_from([1, 2, 3, 7, 13, 17, 31, 61, 67]))
 BLOCKS = st.sampled_from([(1, 1), (1, 4), (4, 1), (2, 2)])
@@ -219,6 +219,15 @@ def test_pairs_cost_kind_counts_pairs() -> None:
     crossed = packed.data[packed.blocks_at:packed.aligned_at].view(CROSSED)
     assert (crossed["j_even"].tolist(), crossed["j_odd"].tolist(), crossed["weights"].tolist()) == (
         [0], [2], [[1, 1]])  # pair rows of k = 0 and k = 5
+
+
+def test_parity_pairing_only_where_pair_rows_fit_uint16() -> None:
+    """Records name pair rows of K in uint16: up to K = 131072 the pairing is a candidate, past it not."""
+    for k, offered in ((2 * MAX_PAIR_ROWS, True), (2 * MAX_PAIR_ROWS + 2, False)):
+        matrix = np.zeros((1, k), np.float32)
+        matrix[0, [0, k - 1]] = 1  # a lone even k and a lone odd k: one crossed record beats two blocks
+        chosen = sparse_selection.best_block("int8-pairs", matrix, 64, SparseLayout("csr"), 8)
+        assert (chosen == sparse_selection.PAIRED) == offered
 
 
 def test_paired_kernel_blends_rows_of_pairs() -> None:
