@@ -732,8 +732,32 @@ def _store(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, dtype: DType
     if dtype is DType.bool:
         value = builder.zext(value, kind)
     elif dtype is DType.f16:
-        value = builder.fptrunc(value, kind)
+        value = builder.fptrunc(_double_to_odd_float(builder, value), kind)
     builder.store(value, pointer_at(builder, base, offset, kind), align=_bytes(storage))
+
+
+def _double_to_odd_float(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    """A float64 `value` as float32 rounded to odd (truncated, its last bit set when inexact), else `value`.
+
+    Only x86 with AVX512-FP16 and AArch64 convert float64 to float16 in one instruction; elsewhere LLVM
+    calls a runtime helper that the generated code cannot link. Through float32 rounded to odd, the one
+    rounding to float16 that follows gives the correctly rounded result (float32 keeps more than the
+    11 + 2 bits that needs)."""
+    scalar = value.type.element if isinstance(value.type, ir.VectorType) else value.type
+    if not isinstance(scalar, ir.DoubleType):
+        return value
+    lanes = value.type.count if isinstance(value.type, ir.VectorType) else None
+    as_type = (lambda element: vector(element, lanes)) if lanes else (lambda element: element)  # noqa: E731
+    narrow = builder.fptrunc(value, as_type(ir.FloatType()))  # (to nearest)
+    back = builder.fpext(narrow, value.type)
+    inexact = builder.fcmp_ordered("!=", back, value)
+    fabs = declare(builder.module, f"llvm.fabs.{'v%df64' % lanes if lanes else 'f64'}", value.type, value.type)
+    rounded_away = builder.fcmp_ordered(">", builder.call(fabs, [back]), builder.call(fabs, [value]))
+    bits = builder.bitcast(narrow, as_type(I32))
+    one = ir.Constant(as_type(I32), 1 if lanes is None else [1] * lanes)
+    truncated = builder.select(builder.and_(inexact, rounded_away), builder.sub(bits, one), bits)
+    odd = builder.select(inexact, builder.or_(truncated, one), truncated)
+    return builder.bitcast(odd, as_type(ir.FloatType()))
 
 
 def elementwise_kernel(module: ir.Module, name: str, op: str, attrs: Mapping[str, Any], shape: Sequence[int],

@@ -82,6 +82,7 @@ _X86 = "x86_64-unknown-linux-gnu"
 _ARM = "aarch64-unknown-linux-gnu"
 NAMED_TARGETS: dict[str, Target] = {target.name: target for target in (
     _named("x86_64-avx2", _X86, "haswell", "avx2", "fma"),
+    _named("x86_64-avx512", _X86, "skylake-avx512", "avx2", "fma", "avx512f", "avx512bw", "avx512vl"),
     _named("x86_64-avx512vnni", _X86, "cascadelake",
            "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),
     _named("x86_64-avxvnni", _X86, "alderlake", "avx2", "fma", "avxvnni"),

@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import onnx_conformance  # noqa: E402
 
-_CASE_TESTS = {"reference": "test_onnx_node.py::test_onnx_node[", "native": "test_native.py::test_native_node["}
+_CASE_TESTS = {"reference": "test_onnx_node.py::test_onnx_node[", "native": "test_native.py::test_native_node[",
+               "native x86_64-avx2": "test_native.py::test_native_node_avx2["}
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -97,11 +97,13 @@ def backend_cases(backend: str) -> list[TestCase]:
     return [case for case in supported if case.name not in failing]
 
 
-def run_case(case: TestCase, backend: str = "reference") -> str | None:
-    """None when lowbit's `backend` reproduces every data set of `case`, else one line saying why not."""
+def run_case(case: TestCase, backend: str = "reference", target: str = "host") -> str | None:
+    """None when lowbit's `backend` reproduces every data set of `case`, else one line saying why not
+    (`target`: the native backend's)."""
     try:
         for inputs, expected in case.data_sets:
-            failure = _run_data_set(case, [_array(x) for x in inputs], [_array(x) for x in expected], backend)
+            failure = _run_data_set(case, [_array(x) for x in inputs], [_array(x) for x in expected], backend,
+                                    target)
             if failure:
                 return failure
     except LowbitError as error:
@@ -112,7 +114,8 @@ def run_case(case: TestCase, backend: str = "reference") -> str | None:
     return None
 
 
-def _run_data_set(case: TestCase, inputs: list[np.ndarray], expected: list[np.ndarray], backend: str) -> str | None:
+def _run_data_set(case: TestCase, inputs: list[np.ndarray], expected: list[np.ndarray], backend: str,
+                  target: str) -> str | None:
     model = case.model
     initializers = {t.name for t in model.graph.initializer}
     names = [info.name for info in model.graph.input if info.name not in initializers]
@@ -120,7 +123,7 @@ def _run_data_set(case: TestCase, inputs: list[np.ndarray], expected: list[np.nd
     model = _with_data_shapes(model, data)
     graph = _import(model, names, data)
     feeds = {value.name: data[value.name] for value in graph.inputs}
-    results = lowbit.compile(graph, "host").run(feeds) if backend == "native" else lowbit.run_reference(graph, feeds)
+    results = lowbit.compile(graph, target).run(feeds) if backend == "native" else lowbit.run_reference(graph, feeds)
     rtol, atol = max(RTOL, case.rtol), max(ATOL, case.atol)
     for info, want in zip(model.graph.output, expected):
         failure = _compare(info.name, results[info.name], want, rtol, atol)

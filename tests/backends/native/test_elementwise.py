@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit.errors import UnsupportedOpError
+from lowbit.errors import TargetError, UnsupportedOpError
 from lowbit.ir import DType, Graph, TensorType
 from lowbit.kernels.elementwise import elementwise_kernel
-from lowbit.kernels.llvm import emit_assembly, new_module
+from lowbit.kernels.llvm import check_runs_here, emit_assembly, new_module
 from lowbit.backends.native import Target
 
 RNG = np.random.default_rng(7)
@@ -218,6 +218,33 @@ def test_cast(source):
     got, want = run_both(graph, {"x": signed, "u": unsigned})
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=f"{source} -> {name}")
+
+
+def _runnable(name: str) -> bool:
+    try:
+        check_runs_here(Target.parse(name))
+    except TargetError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("target", [name for name in ("host", "x86_64-avx2", "x86_64-avx512") if _runnable(name)])
+def test_float64_to_float16_rounds_once(target):
+    """float64 → float16 is correctly rounded (as numpy's) on every target, including those without a
+    one-instruction conversion: every float16 value, every midpoint between neighbours and the doubles
+    either side of it, the overflow threshold, NaN and infinities."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float64))
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    values = np.concatenate([finite, midpoints, np.nextafter(midpoints, np.inf), np.nextafter(midpoints, -np.inf),
+                             [65520.0, np.nextafter(65520.0, 0), 1e300, -1e300, 1e-300, np.inf, -np.inf, np.nan]])
+    graph = Graph("cast")
+    graph.set_outputs([("y", graph.add("cast", graph.add_input("x", TensorType(values.shape, DType.f64)),
+                                       to=DType.f16))])
+    got = lowbit.compile(graph, target).run({"x": values})["y"]
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 SIZES = st.sampled_from([1, 2, 3, 5, 7, 8, 16, 17, 31, 33])

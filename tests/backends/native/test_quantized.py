@@ -38,7 +38,7 @@ def _runnable(name: str) -> bool:
 # the targets whose routes this machine runs: the host's own, x86 feature subsets of it, and a target
 # without vector features, whose only route is the widening one (as on AArch64 without dotprod)
 PLAIN = Target("plain", Target.host().triple, "generic", frozenset(), 16, "")
-TARGETS = [name for name in ("host", "x86_64-avxvnni", "x86_64-avx2") if _runnable(name)] + [PLAIN]
+TARGETS = [name for name in ("host", "x86_64-avxvnni", "x86_64-avx512", "x86_64-avx2") if _runnable(name)] + [PLAIN]
 
 
 def check(graph: Graph, feeds: dict, target: str | Target = "host") -> dict:

@@ -5,6 +5,7 @@ choice of the cost model."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -173,22 +174,28 @@ def test_every_int8_packing_is_bit_exact(rows, k, n, block, sparsity, x_dtype, s
 AVX2 = "avx2" in lowbit.Target.host().features
 
 
-@pytest.mark.skipif(not AVX2, reason="runs AVX2 code on this machine")
+AVX512BW = {"avx512f", "avx512bw", "avx512vl"} <= lowbit.Target.host().features
+PAIR_TARGETS = [target for target, runs in (("x86_64-avx2", AVX2), ("x86_64-avx512", AVX512BW)) if runs]
+
+
+@pytest.mark.skipif(not PAIR_TARGETS, reason="runs AVX2 code on this machine")
 @settings(max_examples=25, deadline=None)
 @given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
        block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1), sparse_selection.PAIRED]),
        sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), residual=st.booleans(),
-       optimize=st.sampled_from(["speed", "size"]), seed=st.integers(0, 2**32 - 1))
-def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, optimize, seed) -> None:
-    """The x86_64-avx2 target has no 4-byte dot product: its int8 kernel takes int16 pairs of K through
-    `vpmaddwd` (xT of extended activations, weights placed in their pair), for every packing (and the
-    parity pairing, which blends two rows of xT); weights packed as int16, or as int8 widened at run time
-    when optimising for size (which picks its packing)."""
+       optimize=st.sampled_from(["speed", "size"]), target=st.sampled_from(PAIR_TARGETS or ["x86_64-avx2"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, residual, optimize, target,
+                                        seed) -> None:
+    """x86_64-avx2 and x86_64-avx512 (AVX-512BW, no VNNI) have no 4-byte dot product: their int8 kernel
+    takes int16 pairs of K through `vpmaddwd` (xT of extended activations, weights placed in their pair),
+    for every packing (and the parity pairing, which blends two rows of xT); weights packed as int16, or
+    as int8 widened at run time when optimising for size (which picks its packing)."""
     rng = np.random.default_rng(seed)
     graph, feeds = qlinear_graph(rng, rows, k, n, (1, 1), sparsity, x_dtype, True, residual, DType.i8)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sparse_selection, "best_block", lambda kind, matrix, m, layout, lanes: block)
-        model = lowbit.compile(graph, "x86_64-avx2", optimize=optimize)
+        model = lowbit.compile(graph, target, optimize=optimize)
     np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
 
 
@@ -241,6 +248,11 @@ def test_paired_kernel_blends_rows_of_pairs() -> None:
         program = Program(graph, Target.named("x86_64-avx2"))
     assembly = ll.emit_assembly(program.module, program.target)
     assert "vpblendw" in assembly and "vpmaddwd" in assembly
+    with pytest.MonkeyPatch.context() as patch:  # AVX-512BW: the blend is a load under a mask of odd int16s
+        patch.setattr(sparse_selection, "prefer_sparse", lambda *args: True)
+        program = Program(graph, Target.named("x86_64-avx512"))
+    assembly = ll.emit_assembly(program.module, program.target)
+    assert re.search(r"vmovdqu16\s.*zmm\d+ \{%k\d\}", assembly) and re.search(r"vpmaddwd\s.*zmm", assembly)
 
 
 GEMV_TARGETS = ["host"] + (["x86_64-avx2"] if AVX2 else [])
@@ -324,7 +336,7 @@ def test_results_do_not_depend_on_the_thread_count(kind, target) -> None:
             np.testing.assert_allclose(team.run(feeds)["y"], want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("target", ["aarch64", "aarch64-dotprod", "x86_64-avx2", "x86_64-avxvnni"])
+@pytest.mark.parametrize("target", ["aarch64", "aarch64-dotprod", "x86_64-avx2", "x86_64-avx512", "x86_64-avxvnni"])
 def test_sparse_kernels_compile_for_other_targets(target) -> None:
     """The portable dot product (no vpdpbusd) and narrower vectors generate code for every target."""
     from lowbit.backends.native.compiler import Program
