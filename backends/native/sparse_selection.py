@@ -8,8 +8,9 @@ Estimated nanoseconds per call, with vec = ⌈M / lanes⌉ accumulator vectors a
     dense  = per_mac · N·K·(M + dense_rows)
 
 (vector operations: FMAs per stored float; for int8, dot products per quad of K, or per pair of K where
-the target has no 4-byte dot product (kind int8-pairs: AVX2 `vpmaddwd`, plain NEON); a block's fixed cost is
-its step and its weights' loads). `dense_rows` is what weight streaming costs the dense kernel in rows of
+the target has no 4-byte dot product (kind int8-pairs: AVX2 `vpmaddwd`, plain NEON; its parity pairing,
+PAIRED, counts a crossed record as CROSSED_PRODUCTS); a block's fixed cost is its step and its weights'
+loads). `dense_rows` is what weight streaming costs the dense kernel in rows of
 arithmetic (it dominates at M = 1). Constants per kind (int8, int8-pairs, f32) are built in, or
 measured on this machine by `lowbit tune` / `python -m lowbit.backends.native.sparse_selection --tune`
 (written to `tuning_path()`, JSON). A weight
