@@ -201,6 +201,15 @@ def check_runs_here(target: TargetSpec, host: TargetSpec | HostCpu | None = None
         enable_amx()
 
 
+def runs_here(target: TargetSpec) -> bool:
+    """Whether code for `target` can run in this process (`check_runs_here` without the error)."""
+    try:
+        check_runs_here(target)
+    except TargetError:
+        return False
+    return True
+
+
 # Linux (5.16+) hands AMX tile state to a process only on request, before its first tile instruction.
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
 

@@ -12,6 +12,7 @@ import onnx_conformance
 import pytest
 
 from lowbit.backends.native import Target
+from lowbit.kernels.llvm import runs_here
 
 
 @pytest.mark.parametrize("case", onnx_conformance.parameters("native"))
@@ -21,7 +22,7 @@ def test_native_node(case) -> None:
         pytest.fail(failure, pytrace=False)
 
 
-AVX2_RUNS = "avx2" in Target.host().features
+AVX2_RUNS = runs_here(Target.named("x86_64-avx2"))
 
 
 @pytest.mark.skipif(not AVX2_RUNS, reason="runs AVX2 code on this machine")

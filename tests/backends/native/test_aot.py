@@ -24,6 +24,7 @@ from lowbit.artifact import load
 from lowbit.backends.native.aot import Toolchain, export
 from lowbit.backends.native.target import Target
 from lowbit.errors import ArtifactError, InputError, LowbitError, UnsupportedOpError
+from lowbit.kernels.llvm import runs_here
 
 CC = shutil.which("cc")
 pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler (cc)")
@@ -72,7 +73,7 @@ def test_c_driver_matches_reference(artifacts, name, quantized, tmp_path) -> Non
     assert_matches(graph, outputs, lowbit.run_reference(graph, feeds))
 
 
-@pytest.mark.skipif("avx2" not in Target.host().features, reason="runs AVX2 code on this machine")
+@pytest.mark.skipif(not runs_here(Target.named("x86_64-avx2")), reason="runs AVX2 code on this machine")
 @pytest.mark.parametrize("quantized", [True, False], ids=["int8", "f32"])
 def test_sparse_artifact_for_avx2_from_c(quantized, tmp_path, monkeypatch) -> None:
     """The 90%-sparse MLP's artifact for x86_64-avx2, every layer on a sparse kernel (int8: the int16-pair

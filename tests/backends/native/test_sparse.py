@@ -17,6 +17,7 @@ from lowbit.backends.native import compiler, sparse_selection
 from lowbit.ir import DType, Graph, TensorType
 from lowbit.ir.ops.quantized import fixed_point_attrs
 from lowbit.ir.types import QuantParams, SparseLayout
+from lowbit.kernels.llvm import runs_here
 from lowbit.kernels.sparse import CROSSED, MAX_PAIR_ROWS, pack_paired, pack_sparse
 
 SIZES = st.one_of(st.integers(1, 24), st.sampled_from([1, 2, 3, 7, 13, 17, 31, 61, 67]))
@@ -171,11 +172,8 @@ def test_every_int8_packing_is_bit_exact(rows, k, n, block, sparsity, x_dtype, s
     np.testing.assert_array_equal(got, lowbit.run_reference(graph, feeds)["y"])
 
 
-AVX2 = "avx2" in lowbit.Target.host().features
-
-
-AVX512BW = {"avx512f", "avx512bw", "avx512vl"} <= lowbit.Target.host().features
-PAIR_TARGETS = [target for target, runs in (("x86_64-avx2", AVX2), ("x86_64-avx512", AVX512BW)) if runs]
+AVX2 = runs_here(lowbit.Target.named("x86_64-avx2"))
+PAIR_TARGETS = [target for target in ("x86_64-avx2", "x86_64-avx512") if runs_here(lowbit.Target.named(target))]
 
 
 @pytest.mark.skipif(not PAIR_TARGETS, reason="runs AVX2 code on this machine")
