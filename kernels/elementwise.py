@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 from llvmlite import ir
 
 from lowbit.ir.dtypes import DType
-from lowbit.kernels.llvm import I1, I8, I16, I32, I64, TargetSpec, counted_loop, declare, pointer_at, splat, vector
+from lowbit.kernels.llvm import (I1, I8, I16, I32, I64, TargetSpec, counted_loop, declare, intrinsic, pointer_at, splat,
+                                 vector)
 from lowbit.kernels.movement import broadcast_strides, collapse, contiguous_strides, i64, loop_nest, new_kernel
 
 F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
@@ -751,8 +752,8 @@ def _double_to_odd_float(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     narrow = builder.fptrunc(value, as_type(ir.FloatType()))  # (to nearest)
     back = builder.fpext(narrow, value.type)
     inexact = builder.fcmp_ordered("!=", back, value)
-    fabs = declare(builder.module, f"llvm.fabs.{'v%df64' % lanes if lanes else 'f64'}", value.type, value.type)
-    rounded_away = builder.fcmp_ordered(">", builder.call(fabs, [back]), builder.call(fabs, [value]))
+    magnitudes = [intrinsic(builder, "llvm.fabs", operand) for operand in (back, value)]
+    rounded_away = builder.fcmp_ordered(">", *magnitudes)
     bits = builder.bitcast(narrow, as_type(I32))
     one = ir.Constant(as_type(I32), 1 if lanes is None else [1] * lanes)
     truncated = builder.select(builder.and_(inexact, rounded_away), builder.sub(bits, one), bits)

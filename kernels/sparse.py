@@ -106,8 +106,7 @@ def pack_paired(matrix: np.ndarray) -> Packed:
     aligned ones."""
     n, k = matrix.shape
     pairs = np.asarray(matrix, np.int16).reshape(n, k // 2, 2)
-    nonzero, evens, odds = _lone(pairs)
-    crossing = np.minimum(np.bincount(evens[0], minlength=n), np.bincount(odds[0], minlength=n))
+    nonzero, evens, odds, crossing = _lone(pairs)
     even_crossed = _rank_in_row(evens[0], n) < crossing[evens[0]]  # a row's first evens with its first odds
     odd_crossed = _rank_in_row(odds[0], n) < crossing[odds[0]]
     rows, j_even, j_odd = evens[0][even_crossed], evens[1][even_crossed], odds[1][odd_crossed]
@@ -130,16 +129,20 @@ def pack_paired(matrix: np.ndarray) -> Packed:
 def paired_counts(matrix: np.ndarray) -> tuple[int, int]:
     """(crossed, aligned) records of `pack_paired(matrix)`."""
     n, k = matrix.shape
-    nonzero, evens, odds = _lone(np.asarray(matrix).reshape(n, k // 2, 2))
-    crossed = int(np.minimum(np.bincount(evens[0], minlength=n), np.bincount(odds[0], minlength=n)).sum())
+    nonzero, _, _, crossing = _lone(np.asarray(matrix).reshape(n, k // 2, 2))
+    crossed = int(crossing.sum())
     return crossed, int(nonzero.any(axis=2).sum()) - 2 * crossed
 
 
 def _lone(pairs: np.ndarray) -> tuple:
-    """For weights [N, K/2, 2]: which are nonzero, and (rows, pair rows) of the pairs whose only nonzero is
-    the even k, then of those whose only nonzero is the odd k (in row order)."""
+    """For weights [N, K/2, 2]: which are nonzero; (rows, pair rows) of the pairs whose only nonzero is the
+    even k, then of those whose only nonzero is the odd k (in row order); and per row how many of each
+    cross (the fewer of the two)."""
     nonzero = pairs != 0
-    return nonzero, np.nonzero(nonzero[..., 0] & ~nonzero[..., 1]), np.nonzero(nonzero[..., 1] & ~nonzero[..., 0])
+    evens = np.nonzero(nonzero[..., 0] & ~nonzero[..., 1])
+    odds = np.nonzero(nonzero[..., 1] & ~nonzero[..., 0])
+    n = len(pairs)
+    return nonzero, evens, odds, np.minimum(np.bincount(evens[0], minlength=n), np.bincount(odds[0], minlength=n))
 
 
 CROSSED = np.dtype([("j_even", "<u2"), ("j_odd", "<u2"), ("weights", "<i2", 2)])
