@@ -1,13 +1,14 @@
 """Sparse × dense products: y[M, N] = epilogue(x[M, K] · Wᵀ) for a constant sparse W [N, K].
 
-Packing (`pack_sparse`, at compile time): W is cut into r×c blocks; every block row keeps only its
-blocks with a nonzero, in column order. Each stored block is its column *step* from the previous block
-of its row (one byte, in units of c; a gap wider than 255 steps is bridged by all-zero filler blocks)
-followed by its r·c weights (row-major, int8, int16 for the int16-pair route, or float32). A table of int32 block counts per block row
-(prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero. The int16-pair
-route has one more packing (`pack_paired`): records of two weights, one at an even k and one at an odd k
-anywhere in the row, whose rows of xT are blended so that one `vpmaddwd` takes both (single weights
-otherwise fill half of one); about 20% fewer vector operations at 90% unstructured sparsity.
+Packing (`pack_sparse`, at compile time): W is cut into r×c blocks; every block row keeps only its blocks
+with a nonzero, in column order. Each stored block is its column *step* from the previous block of its row
+(one byte, in units of c; a gap wider than 255 steps is bridged by all-zero filler blocks) followed by its
+r·c weights (row-major, int8, int16 for the int16-pair route, or float32). A table of int32 block counts
+per block row (prefix sums) comes first. So a 90%-sparse int8 matrix costs about two bytes per nonzero.
+The int16-pair route has one more packing (`pack_paired`): records of two weights, one at an even k and
+one at an odd k anywhere in the row, whose rows of xT are blended so that one `vpmaddwd` takes both
+(single weights otherwise fill half of one); about 20% fewer vector operations at 90% unstructured
+sparsity.
 
 Kernel (`emit_sparse_linear`): x is first transposed into scratch xT, 32-bit elements at a time (16 × 16
 tiles transposed in registers): float32 [K, Mp]; for int8 either quads x[m, 4j : 4j + 4] of bytes [⌈K/4⌉,
@@ -19,12 +20,14 @@ with the weight broadcast, or for int8 one dot product with a broadcast int32 of
 group when c is a multiple of it (1×4 packing of an unstructured matrix stores the zeros beside a weight),
 else the block's weights shifted to their place in their group.
 Per block row and chunk of M, r × V accumulator vectors (several sets in rotation, to hide the latency)
-stay in registers over the row's blocks. A group of output rows (`row_group`) at a time is stored to
-accT (scratch, so it stays in L1) and finished at once: accT tiles transposed back to rows of y and the
+stay in registers over the row's blocks. xT is stored chunk by chunk (`xt_index`), and a group of output
+rows (`row_group`) takes one chunk at a time (a pass over the group's rows): the AVX2 pairs route narrows
+its chunks so that one chunk's xT stays in L1 (`PASS_BYTES`). The group's accumulators go to accT
+(scratch, so it stays in L1 or L2) and are finished at once: accT tiles transposed back to rows of y and the
 dense qlinear's requantization (`kernels.requantize.ProductEpilogue`, the bias as per-channel offsets) or
 gemm_f32's bias/residual/activation (`gemm_f32.finish`). Integer sums wrap in int32 like the dense
-kernels' (the caller checks the bound of the exact result). Threads (`kernels.parallel`) share the row
-groups; each transposes x into its own scratch.
+kernels' (the caller checks the bound of the exact result). Threads (`kernels.parallel`) share units of
+`row_unit` rows, each thread's taken in groups; each transposes x into its own scratch.
 """
 from __future__ import annotations
 
@@ -46,6 +49,13 @@ MAX_STEP = 255  # the widest column step one byte encodes
 ACCUMULATORS = 8  # accumulator vectors per register tile (r · V)
 IN_FLIGHT = 12  # independent accumulator vectors a block row keeps busy (hides FMA / vpdpbusd latency)
 UNROLL = 4  # stored blocks an iteration of the block row loop (about 5% on AVX2 at 90%)
+# The pairs route on x86 splits M into passes over the rows when a pass's columns of xT then fit L1 (PASS_BYTES)
+# with at least PASS_VECTORS accumulator vectors; its groups of rows then keep accT within GROUP_BYTES (L2).
+# On AVX2 at 512 × 512 × 64, 90%: two passes of 4 vectors took 69 µs against 74 for one of 8 (Emerald
+# Rapids, quiet); 2 vectors, or any split for the other routes (lighter work per vector), were slower.
+PASS_BYTES = 32 << 10
+PASS_VECTORS = 4
+GROUP_BYTES = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,7 @@ class SparseSpec:
     sdot: bool = False
     compact: bool = False  # optimising for size: no unrolling; the pairs route's weights as int8, widened
     aligned_at: int = 0  # nonzero: the pairs route's parity pairing (`pack_paired`), its aligned records
-    x86: bool = False  # (the M = 1 kernel's gathers)
+    x86: bool = False  # x86 with AVX2 (the M = 1 kernel's gathers; the pairs route's passes)
 
     @property
     def width(self) -> int:
@@ -236,9 +246,26 @@ class SparseSpec:
         return I32 if self.integer else F32
 
     @property
+    def vectors(self) -> int:
+        """Accumulator vectors along M per block row in one pass over the rows: as many as ACCUMULATORS allows;
+        for the pairs route fewer where that keeps a pass's columns of xT in L1 (see PASS_BYTES)."""
+        most = max(1, min(self.padded_m // self.width, ACCUMULATORS // self.block[0]))
+        fitting = PASS_BYTES // (self.xt_rows * self.width * 4)
+        return fitting if self.route == "pairs" and self.x86 and PASS_VECTORS <= fitting < most else most
+
+    @property
+    def chunk(self) -> int:
+        """Columns of M (of xT and accT) one pass takes."""
+        return self.vectors * self.width
+
+    @property
+    def passes(self) -> int:
+        return -(-self.padded_m // self.chunk)
+
+    @property
     def xt_bytes(self) -> int:
-        """xT's bytes, rounded up to a cache line (accT follows)."""
-        return -(-self.xt_rows * self.padded_m * 4 // 64) * 64
+        """xT's bytes (`passes` × rows × `chunk`), rounded up to a cache line (accT follows)."""
+        return -(-self.passes * self.xt_rows * self.chunk * 4 // 64) * 64
 
     @property
     def scratch_bytes(self) -> int:
@@ -246,9 +273,18 @@ class SparseSpec:
         return self.xt_bytes + 4 * self.row_group * self.padded_m
 
     @property
-    def row_group(self) -> int:
-        """Output rows a thread takes at a time: whole block rows and whole epilogue vectors."""
+    def row_unit(self) -> int:
+        """Output rows threads share out: whole block rows and whole epilogue vectors."""
         return math.lcm(self.block[0], self.lanes)
+
+    @property
+    def row_group(self) -> int:
+        """Output rows a thread finishes at a time: one unit, or with several passes as many units as keep
+        accT within GROUP_BYTES (each pass over them reuses its columns of xT)."""
+        unit = self.row_unit
+        if self.passes == 1:
+            return unit
+        return unit * max(1, min(-(-self.n // unit), GROUP_BYTES // (unit * self.padded_m * 4)))
 
 
 def _transpose_tile(builder: ir.IRBuilder, rows: list[ir.Value]) -> list[ir.Value]:
@@ -306,16 +342,22 @@ def _widen(b: ir.IRBuilder, spec: SparseSpec, data: ir.Value) -> ir.Value:
     return b.bitcast(activations(b, spec, data), ll.vector(I32, data.type.count // spec.group))
 
 
+def xt_index(b: ir.IRBuilder, spec: SparseSpec, j: ir.Value, m: ir.Value) -> ir.Value:
+    """Where xT's element (j, m) lies: xT is stored pass by pass, each pass's `chunk` columns row after row."""
+    chunk = ir.Constant(I64, spec.chunk)
+    pass_at = b.mul(b.udiv(m, chunk), ir.Constant(I64, spec.xt_rows * spec.chunk))
+    return b.add(pass_at, b.add(b.mul(j, chunk), b.urem(m, chunk)))
+
+
 def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Value) -> None:
     """xT[j, m] = x's 32-bit element j of row m: a float, or for integers `_widen` of the bytes
-    x[m, g·j : g·j + g] (g = spec.group); past K, padding (its weights are zero). Rows m ≥ M of xT are left as they are (their
-    lanes are never read back)."""
+    x[m, g·j : g·j + g] (g = spec.group); past K, padding (its weights are zero). Columns m ≥ M of xT are
+    left as they are (their lanes are never read back)."""
     size, group = spec.lanes, spec.group
     row_bytes = spec.k * (1 if spec.integer else 4)
     whole = spec.k // group  # 32-bit elements that lie wholly inside a row
     element = ll.vector(I8, group) if spec.integer else F32
     xt32 = builder.bitcast(xt, spec.x_element.as_pointer())
-    mp = ir.Constant(I64, spec.padded_m)
 
     def address(b: ir.IRBuilder, m: ir.Value, j: ir.Value) -> ir.Value:
         at = b.add(b.mul(m, ir.Constant(I64, row_bytes)), b.mul(j, ir.Constant(I64, group if spec.integer else 4)))
@@ -332,11 +374,11 @@ def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Valu
                 for i in range(size)]
         for i, column in enumerate(_transpose_tile(b, rows)):
             column = b.bitcast(column, ll.vector(spec.x_element, size))
-            ll.store_vector(b, column, xt32, b.add(b.mul(b.add(j0, ir.Constant(I64, i)), mp), m0))
+            ll.store_vector(b, column, xt32, xt_index(b, spec, b.add(j0, ir.Constant(I64, i)), m0))
 
     def edge(b: ir.IRBuilder, m: ir.Value, j: ir.Value) -> None:
         value = b.extract_element(load(b, m, j, 1), ir.Constant(I32, 0))
-        b.store(value, b.gep(xt32, [b.add(b.mul(j, mp), m)]))
+        b.store(value, b.gep(xt32, [xt_index(b, spec, j, m)]))
 
     _tiles(builder, spec.m, whole, size, "xt", tile, edge)
     tail = spec.k % group if spec.integer else 0
@@ -348,7 +390,7 @@ def _transpose(builder: ir.IRBuilder, spec: SparseSpec, x: ir.Value, xt: ir.Valu
                 at = b.add(b.mul(m, ir.Constant(I64, row_bytes)), ir.Constant(I64, group * whole + byte))
                 data = b.insert_element(data, b.load(b.gep(x, [at])), ir.Constant(I32, byte))
             value = b.extract_element(_widen(b, spec, data), ir.Constant(I32, 0))
-            b.store(value, b.gep(xt32, [b.add(b.mul(ir.Constant(I64, whole), mp), m)]))
+            b.store(value, b.gep(xt32, [xt_index(b, spec, ir.Constant(I64, whole), m)]))
 
         ll.counted_loop(builder, ir.Constant(I64, spec.m), "xt.tail", body=last)
 
@@ -411,13 +453,13 @@ def _words(b: ir.IRBuilder, spec: SparseSpec, values: ir.Value, column: ir.Value
 
 
 def _integer_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Value, column: ir.Value,
-                  m0: ir.Value, vectors: int, accs: list) -> list:
-    """One stored block's products: each group of weights broadcast against `vectors` vectors of xT."""
-    r, width, mp = spec.block[0], spec.width, spec.padded_m
+                  vectors: int, accs: list) -> list:
+    """One stored block's products: each group of weights broadcast against `vectors` vectors of a pass's xT."""
+    r, width = spec.block[0], spec.width
     for row, words in _words(b, spec, values, column):
         # a pointer to the row, then constant offsets: addressing modes take them (an index sum is not
         # always folded into one)
-        base = b.gep(xt, [b.add(b.mul(row, ir.Constant(I64, mp)), m0)])
+        base = b.gep(xt, [b.mul(row, ir.Constant(I64, spec.chunk))])
         weights = [ll.splat(b, word, width) for word in words]
         for v in range(vectors):
             xv = ll.load_vector(b, base, ir.Constant(I64, v * width), width)
@@ -427,13 +469,13 @@ def _integer_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Va
 
 
 def _float_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Value, column: ir.Value,
-                m0: ir.Value, vectors: int, accs: list) -> list:
-    """One stored block's products: each weight broadcast into FMAs with `vectors` vectors of xT."""
+                vectors: int, accs: list) -> list:
+    """One stored block's products: each weight broadcast into FMAs with `vectors` vectors of a pass's xT."""
     r, c = spec.block
-    width, mp = spec.width, spec.padded_m
+    width = spec.width
     weights = [ll.splat(b, b.load(b.gep(values, [ir.Constant(I64, i)]), align=1), width) for i in range(r * c)]
     for jj in range(c):
-        row_at = b.gep(xt, [b.add(b.mul(b.add(column, ir.Constant(I64, jj)), ir.Constant(I64, mp)), m0)])
+        row_at = b.gep(xt, [b.mul(b.add(column, ir.Constant(I64, jj)), ir.Constant(I64, spec.chunk))])
         for v in range(vectors):
             xv = ll.load_vector(b, row_at, ir.Constant(I64, v * width), width)
             for i in range(r):
@@ -443,7 +485,8 @@ def _float_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Valu
 
 def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir.Value, acc_t: ir.Value,
                row_block: ir.Value, m0: ir.Value, vectors: int) -> None:
-    """accT[rows of block row `row_block`, m0 : m0 + V·width] = the row's blocks × xT (V = `vectors`)."""
+    """accT[rows of block row `row_block`, m0 : m0 + V·width] = the row's blocks × the pass's xT (`xt`, the
+    pass of columns m0: V = `vectors`)."""
     r, c = spec.block
     width, mp = spec.width, spec.padded_m
     count = r * vectors
@@ -452,7 +495,7 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
     chains = max(1, IN_FLIGHT // count)
     zero = [ir.Constant(ll.vector(spec.x_element, width), None)] * (count * chains)
     if spec.aligned_at:
-        carried = _paired_row(builder, spec, packed, xt, row_block, m0, vectors, zero, count)
+        carried = _paired_row(builder, spec, packed, xt, row_block, vectors, zero, count)
     else:
         value_element = ll.element_type(DType.from_numpy(spec.weight))
         record = 1 + r * c * spec.weight.itemsize
@@ -464,7 +507,7 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
             at = b.gep(blocks, [b.mul(j, ir.Constant(I64, record))])
             column = b.add(column, b.mul(b.zext(b.load(at), I64), ir.Constant(I64, c)))
             values = b.bitcast(b.gep(at, [ir.Constant(I64, 1)]), value_element.as_pointer())
-            return [column, *waiting, *products(b, spec, xt, values, column, m0, vectors, list(accs))]
+            return [column, *waiting, *products(b, spec, xt, values, column, vectors, list(accs))]
 
         carried = _records(builder, spec, *_row_span(builder, packed, row_block), [ir.Constant(I64, 0), *zero],
                            step)[1:]
@@ -498,7 +541,7 @@ def _records(builder: ir.IRBuilder, spec: SparseSpec, first: ir.Value, last: ir.
 
 
 def _paired_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir.Value, row: ir.Value,
-                m0: ir.Value, vectors: int, carried: list, count: int) -> list:
+                vectors: int, carried: list, count: int) -> list:
     """A row's products from `pack_paired` records (the accumulator sets `carried`, rotated as in
     `_block_row`): crossed records, then aligned ones."""
     if spec.route != "pairs":
@@ -509,7 +552,7 @@ def _paired_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: i
 
     def row_of(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
         j = b.zext(b.load(b.bitcast(at, ir.IntType(16).as_pointer()), align=1), I64)
-        return b.gep(xt, [b.add(b.mul(j, i64(spec.padded_m)), m0)])
+        return b.gep(xt, [b.mul(j, i64(spec.chunk))])
 
     def word(b: ir.IRBuilder, at: ir.Value) -> ir.Value:
         return ll.splat(b, b.load(b.bitcast(at, I32.as_pointer()), align=1), width)
@@ -557,36 +600,39 @@ def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue,
     scratch = thread_scratch(builder, args[buffers - 1], thread, spec.scratch_bytes)
     xt = builder.bitcast(scratch, spec.x_element.as_pointer())
     acc_t = builder.bitcast(builder.gep(scratch, [ir.Constant(I64, spec.xt_bytes)]), spec.x_element.as_pointer())
-    r, group = spec.block[0], spec.row_group
-    begin, end = share(builder, thread, threads, -(-spec.n // group))
+    r, group, unit = spec.block[0], spec.row_group, spec.row_unit
+    i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
+    begin, end = share(builder, thread, threads, -(-spec.n // unit))
+    last = builder.mul(end, i64(unit))
+    last = builder.select(builder.icmp_signed("<", last, i64(spec.n)), last, i64(spec.n))
     with builder.if_then(builder.icmp_signed("<", begin, end)):
         _transpose(builder, spec, builder.bitcast(x, I8.as_pointer()), xt)
-        vectors = max(1, min(spec.padded_m // spec.width, ACCUMULATORS // r))
-        chunk = vectors * spec.width
+        chunk = spec.chunk
         full, rest = divmod(spec.m, chunk)
 
         def over_group(b: ir.IRBuilder, u: ir.Value, _) -> None:
-            # a group's accumulators stay in L1 between its products and its epilogue
-            n0 = b.mul(b.add(begin, u), ir.Constant(I64, group))
-            n1 = b.select(b.icmp_signed("<", b.add(n0, ir.Constant(I64, group)), ir.Constant(I64, spec.n)),
-                          b.add(n0, ir.Constant(I64, group)), ir.Constant(I64, spec.n))
+            # a group's accumulators stay in L1 (or L2) between its products and its epilogue
+            n0 = b.add(b.mul(begin, i64(unit)), b.mul(u, i64(group)))
+            n1 = b.select(b.icmp_signed("<", b.add(n0, i64(group)), last), b.add(n0, i64(group)), last)
             acc_g = b.gep(acc_t, [b.neg(b.mul(n0, ir.Constant(I64, spec.padded_m)))])  # indexed by n
 
-            def over_rows(b2: ir.IRBuilder, j: ir.Value, _) -> None:
-                row_block = b2.add(b2.udiv(n0, ir.Constant(I64, r)), j)
-                if full:
-                    ll.counted_loop(b2, ir.Constant(I64, full), "mc", body=lambda b3, t, _: _block_row(
-                        b3, spec, packed, xt, acc_g, row_block, b3.mul(t, ir.Constant(I64, chunk)), vectors))
-                if rest:
-                    _block_row(b2, spec, packed, xt, acc_g, row_block, ir.Constant(I64, full * chunk),
-                               -(-rest // spec.width))
+            def over_rows(b2: ir.IRBuilder, m0: ir.Value, vectors: int) -> None:
+                """One pass: the group's rows × the columns from m0."""
+                xt_pass = b2.gep(xt, [b2.mul(b2.udiv(m0, i64(chunk)), i64(spec.xt_rows * chunk))])
+                ll.counted_loop(b2, b2.udiv(b2.sub(n1, n0), i64(r)), "br", body=lambda b3, j, _: _block_row(
+                    b3, spec, packed, xt_pass, acc_g, b3.add(b3.udiv(n0, i64(r)), j), m0, vectors))
 
-            ll.counted_loop(b, b.udiv(b.sub(n1, n0), ir.Constant(I64, r)), "br", body=over_rows)
+            if full:
+                ll.counted_loop(b, i64(full), "mc", body=lambda b2, t, _: over_rows(b2, b2.mul(t, i64(chunk)),
+                                                                                   spec.vectors))
+            if rest:
+                over_rows(b, i64(full * chunk), -(-rest // spec.width))
             if in_rows is not None:
                 in_rows(b, args, acc_g, n0, n1)
             _finish(b, spec, epilogue, args, acc_g, n0, n1)
 
-        ll.counted_loop(builder, builder.sub(end, begin), "grp", body=over_group)
+        groups = builder.udiv(builder.add(builder.sub(end, begin), i64(group // unit - 1)), i64(group // unit))
+        ll.counted_loop(builder, groups, "grp", body=over_group)
     builder.ret_void()
     return fn
 

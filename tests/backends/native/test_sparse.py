@@ -178,7 +178,7 @@ PAIR_TARGETS = [target for target in ("x86_64-avx2", "x86_64-avx512") if runs_he
 
 @pytest.mark.skipif(not PAIR_TARGETS, reason="runs AVX2 code on this machine")
 @settings(max_examples=25, deadline=None)
-@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 601])), n=SIZES,
+@given(rows=SIZES, k=st.one_of(SIZES, st.sampled_from([64, 508, 601])), n=SIZES,
        block=st.sampled_from([(1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (4, 1), sparse_selection.PAIRED]),
        sparsity=SPARSITIES, x_dtype=st.sampled_from([DType.u8, DType.i8]), residual=st.booleans(),
        optimize=st.sampled_from(["speed", "size"]), target=st.sampled_from(PAIR_TARGETS or ["x86_64-avx2"]),
@@ -195,6 +195,29 @@ def test_int16_pairs_route_is_bit_exact(rows, k, n, block, sparsity, x_dtype, re
         patch.setattr(sparse_selection, "best_block", lambda kind, matrix, m, layout, lanes: block)
         model = lowbit.compile(graph, target, optimize=optimize)
     np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
+
+
+@pytest.mark.skipif(not AVX2, reason="runs AVX2 code on this machine")
+@pytest.mark.parametrize("rows", [40, 64, 67])
+def test_pairs_route_splits_m_into_passes_whose_xt_fits_l1(rows) -> None:
+    """At K = 512 one pass of 8 accumulator vectors would read 64 KB of xT per row: the AVX2 kernel takes
+    M in passes of 4 vectors (32 KB), over groups of rows larger than one unit (a last, narrower pass where
+    M is not a multiple of 32), bit-exact with one thread and two, with either epilogue (in-row
+    requantization, residual)."""
+    avx2 = lowbit.Target.named("x86_64-avx2")
+    spec = sparse_selection.integer_spec(avx2, rows, 512, 96, False)
+    assert (spec.vectors, spec.passes) == (4, -(-rows // 32)) and spec.row_group > spec.row_unit
+    assert sparse_selection.integer_spec(avx2, rows, 64, 96, False).vectors == (5 if rows == 40 else 8)
+    rng = np.random.default_rng(rows)
+    for residual in (False, True):
+        graph, feeds = qlinear_graph(rng, rows, 512, 96, (1, 1), 0.9, DType.u8, True, residual, DType.i8)
+        want = lowbit.run_reference(graph, feeds)["y"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sparse_selection, "best_block", lambda *args: sparse_selection.PAIRED)
+            patch.setattr(compiler, "PARALLEL_MIN_MACS", 0)
+            for threads in (1, 2):
+                model = lowbit.compile(graph, "x86_64-avx2", num_threads=threads)
+                np.testing.assert_array_equal(model.run(feeds)["y"], want)
 
 
 def test_avx2_kernel_multiplies_int16_pairs() -> None:
@@ -312,7 +335,7 @@ def test_one_row_windows_cover_every_nonzero() -> None:
                          + ([("int8", "x86_64-avx2")] if AVX2 else []))  # (x86_64-avx2: the parity pairing)
 def test_results_do_not_depend_on_the_thread_count(kind, target) -> None:
     rng = np.random.default_rng(3)
-    rows, k, n = 37, 520, 251  # ≥ the compiler's threshold for a team; groups of rows split unevenly
+    rows, k, n = 37, 508, 251  # ≥ the compiler's threshold for a team; groups of rows split unevenly
     block = (1, 4) if target == "host" else (1, 1)
     for rows in (rows, 1):  # (one row: the gathering kernel, its rows shared out the same way)
         if kind == "int8":
