@@ -193,6 +193,7 @@ class SparseSpec:
     compact: bool = False  # optimising for size: no unrolling; the pairs route's weights as int8, widened
     aligned_at: int = 0  # nonzero: the pairs route's parity pairing (`pack_paired`), its aligned records
     x86: bool = False  # x86 with AVX2 (the M = 1 kernel's gathers; the pairs route's passes)
+    narrow: bool = False  # accT holds each row's 8-bit results, requantized in registers (`integer_row_epilogue`)
 
     @property
     def width(self) -> int:
@@ -268,14 +269,25 @@ class SparseSpec:
         return -(-self.passes * self.xt_rows * self.chunk * 4 // 64) * 64
 
     @property
+    def acc_bytes(self) -> int:
+        """Bytes of an element of accT."""
+        return 1 if self.narrow else 4
+
+    @property
     def scratch_bytes(self) -> int:
         """Scratch of one thread."""
-        return self.xt_bytes + 4 * self.row_group * self.padded_m
+        return self.xt_bytes + self.acc_bytes * self.row_group * self.padded_m
+
+    @property
+    def tile(self) -> int:
+        """Side of the square tiles of accT transposed back in registers: a vector of `lanes` 32-bit
+        elements, or of 16 bytes."""
+        return 16 if self.narrow else self.lanes
 
     @property
     def row_unit(self) -> int:
-        """Output rows threads share out: whole block rows and whole epilogue vectors."""
-        return math.lcm(self.block[0], self.lanes)
+        """Output rows threads share out: whole block rows and whole tiles of the transpose back."""
+        return math.lcm(self.block[0], self.tile)
 
     @property
     def row_group(self) -> int:
@@ -284,7 +296,7 @@ class SparseSpec:
         unit = self.row_unit
         if self.passes == 1:
             return unit
-        return unit * max(1, min(-(-self.n // unit), GROUP_BYTES // (unit * self.padded_m * 4)))
+        return unit * max(1, min(-(-self.n // unit), GROUP_BYTES // (unit * self.padded_m * self.acc_bytes)))
 
 
 def _transpose_tile(builder: ir.IRBuilder, rows: list[ir.Value]) -> list[ir.Value]:
@@ -300,6 +312,20 @@ def _transpose_tile(builder: ir.IRBuilder, rows: list[ir.Value]) -> list[ir.Valu
             rows[i] = builder.shuffle_vector(a, b, ll.const_vector(I32, low))
             rows[i + half] = builder.shuffle_vector(a, b, ll.const_vector(I32, high))
         half //= 2
+    return rows
+
+
+def _interleave_transpose(builder: ir.IRBuilder, rows: list[ir.Value]) -> list[ir.Value]:
+    """The L × L transpose of L vectors of L lanes in log2(L) rounds of the same step: vectors 2i and
+    2i + 1 become the interleaved low halves and the interleaved high halves of vectors i and i + L/2 (each
+    round rotates the bits of (vector, lane) left by one). An interleave is one `punpckl/h` on x86, which
+    the exchanges of `_transpose_tile` are not for bytes."""
+    size = len(rows)
+    low = ll.const_vector(I32, [j // 2 + (j % 2) * size for j in range(size)])
+    high = ll.const_vector(I32, [size // 2 + j // 2 + (j % 2) * size for j in range(size)])
+    for _ in range(size.bit_length() - 1):
+        halves = [(rows[i], rows[i + size // 2]) for i in range(size // 2)]
+        rows = [builder.shuffle_vector(a, b, mask) for a, b in halves for mask in (low, high)]
     return rows
 
 
@@ -483,12 +509,13 @@ def _float_step(b: ir.IRBuilder, spec: SparseSpec, xt: ir.Value, values: ir.Valu
     return accs
 
 
-def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir.Value, acc_t: ir.Value,
+def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir.Value, store_row,
                row_block: ir.Value, m0: ir.Value, vectors: int) -> None:
-    """accT[rows of block row `row_block`, m0 : m0 + V·width] = the row's blocks × the pass's xT (`xt`, the
-    pass of columns m0: V = `vectors`)."""
+    """store_row(builder, acc, n, m) of each vector of accumulators of the rows n of block row `row_block`,
+    columns m0 : m0 + V·width: the row's blocks × the pass's xT (`xt`, the pass of columns m0: V =
+    `vectors`)."""
     r, c = spec.block
-    width, mp = spec.width, spec.padded_m
+    width = spec.width
     count = r * vectors
     # FMAs / dot products into few accumulators wait on each other: rotate several sets so that each set is
     # updated every `chains` blocks (their sum at the end)
@@ -517,9 +544,9 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
         accs = [add(a, w) for a, w in zip(accs, carried[chain * count:(chain + 1) * count])]
     n0 = builder.mul(row_block, ir.Constant(I64, r))
     for i in range(r):
-        row_at = builder.add(builder.mul(builder.add(n0, ir.Constant(I64, i)), ir.Constant(I64, mp)), m0)
         for v in range(vectors):
-            ll.store_vector(builder, accs[i * vectors + v], acc_t, builder.add(row_at, ir.Constant(I64, v * width)))
+            store_row(builder, accs[i * vectors + v], builder.add(n0, ir.Constant(I64, i)),
+                      builder.add(m0, ir.Constant(I64, v * width)))
 
 
 def _records(builder: ir.IRBuilder, spec: SparseSpec, first: ir.Value, last: ir.Value, carried: list, step
@@ -588,18 +615,21 @@ def _row_span(builder: ir.IRBuilder, packed: ir.Value, at: ir.Value) -> tuple[ir
 
 
 def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue, buffers: int,
-                       in_rows=None) -> ir.Function:
+                       row_epilogue=None) -> ir.Function:
     """`name(x, packed, *middle, out, scratch, thread, threads)` with `buffers` pointers in all (the
-    `kernels.parallel` convention: a thread takes its share of the groups of `row_group` output rows;
-    scratch holds `scratch_bytes` per thread). `epilogue(builder, args, acc, m, n0, valid)` finishes and
-    stores y[m, n0 : n0 + valid] from the `lanes`-wide vector acc (args: the kernel's arguments); before
-    it, `in_rows(builder, args, acc_t, n0, n1)`, when given, may rewrite accT's rows n0 ≤ n < n1 in place."""
+    `kernels.parallel` convention: a thread takes its share of units of `row_unit` output rows; scratch
+    holds `scratch_bytes` per thread). `row_epilogue(builder, acc, n, m, acc_t)`, when given, stores a
+    finished vector of accumulators of row n, columns m.. (channel n) to accT (`acc_t`, indexed n · Mp + m;
+    bytes when `spec.narrow`), else they are stored as they are. `epilogue(builder, args, acc, m, n0,
+    valid)` then finishes and stores y[m, n0 : n0 + valid] from a vector acc of accT's elements, `spec.tile`
+    wide (args: the kernel's arguments)."""
     fn, builder, thread, threads = new_parallel_kernel(module, name, buffers)
     args = list(fn.args)[:buffers]
     x, packed = args[0], args[1]
     scratch = thread_scratch(builder, args[buffers - 1], thread, spec.scratch_bytes)
     xt = builder.bitcast(scratch, spec.x_element.as_pointer())
-    acc_t = builder.bitcast(builder.gep(scratch, [ir.Constant(I64, spec.xt_bytes)]), spec.x_element.as_pointer())
+    acc_element = I8 if spec.narrow else spec.x_element
+    acc_t = builder.bitcast(builder.gep(scratch, [ir.Constant(I64, spec.xt_bytes)]), acc_element.as_pointer())
     r, group, unit = spec.block[0], spec.row_group, spec.row_unit
     i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
     begin, end = share(builder, thread, threads, -(-spec.n // unit))
@@ -616,19 +646,23 @@ def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue,
             n1 = b.select(b.icmp_signed("<", b.add(n0, i64(group)), last), b.add(n0, i64(group)), last)
             acc_g = b.gep(acc_t, [b.neg(b.mul(n0, ir.Constant(I64, spec.padded_m)))])  # indexed by n
 
+            def store_row(b2: ir.IRBuilder, acc: ir.Value, n: ir.Value, m: ir.Value) -> None:
+                if row_epilogue is not None:
+                    row_epilogue(b2, acc, n, m, acc_g)
+                else:
+                    ll.store_vector(b2, acc, acc_g, b2.add(b2.mul(n, i64(spec.padded_m)), m))
+
             def over_rows(b2: ir.IRBuilder, m0: ir.Value, vectors: int) -> None:
                 """One pass: the group's rows × the columns from m0."""
                 xt_pass = b2.gep(xt, [b2.mul(b2.udiv(m0, i64(chunk)), i64(spec.xt_rows * chunk))])
                 ll.counted_loop(b2, b2.udiv(b2.sub(n1, n0), i64(r)), "br", body=lambda b3, j, _: _block_row(
-                    b3, spec, packed, xt_pass, acc_g, b3.add(b3.udiv(n0, i64(r)), j), m0, vectors))
+                    b3, spec, packed, xt_pass, store_row, b3.add(b3.udiv(n0, i64(r)), j), m0, vectors))
 
             if full:
                 ll.counted_loop(b, i64(full), "mc", body=lambda b2, t, _: over_rows(b2, b2.mul(t, i64(chunk)),
                                                                                    spec.vectors))
             if rest:
                 over_rows(b, i64(full * chunk), -(-rest // spec.width))
-            if in_rows is not None:
-                in_rows(b, args, acc_g, n0, n1)
             _finish(b, spec, epilogue, args, acc_g, n0, n1)
 
         groups = builder.udiv(builder.add(builder.sub(end, begin), i64(group // unit - 1)), i64(group // unit))
@@ -639,15 +673,15 @@ def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue,
 
 def _finish(builder: ir.IRBuilder, spec: SparseSpec, epilogue, args: list, acc_t: ir.Value, n_begin: ir.Value,
             n_end: ir.Value) -> None:
-    """accT [N, Mp] (rows n_begin ≤ n < n_end there) back to rows of y: lanes × lanes tiles transposed in
-    registers, the edges (m or n short of a tile) a lane at a time."""
-    lanes, mp = spec.lanes, spec.padded_m
-    kind = ll.vector(spec.x_element, lanes)
+    """accT [N, Mp] (rows n_begin ≤ n < n_end there) back to rows of y: `spec.tile`-sided tiles transposed
+    in registers, the edges (m or n short of a tile) a lane at a time."""
+    lanes, mp = spec.tile, spec.padded_m
+    kind = ll.vector(acc_t.type.pointee, lanes)
     i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
 
     def tile(b: ir.IRBuilder, n0: ir.Value, m0: ir.Value) -> None:
         rows = [ll.load_vector(b, acc_t, b.add(b.mul(b.add(n0, i64(i)), i64(mp)), m0), lanes) for i in range(lanes)]
-        for i, acc in enumerate(_transpose_tile(b, rows)):
+        for i, acc in enumerate((_interleave_transpose if spec.narrow else _transpose_tile)(b, rows)):
             epilogue(b, args, acc, b.add(m0, i64(i)), n0, lanes)
 
     def lanewise(b: ir.IRBuilder, n0: ir.Value, m: ir.Value, valid: int) -> None:
@@ -685,37 +719,25 @@ def integer_epilogue(product):
     return apply
 
 
-def integer_rows_epilogue(spec: SparseSpec, rows_product, dtype, n: int):
-    """(in_rows, epilogue) for `emit_sparse_linear` when int8 results need no residual and whole vectors
-    tile accT's rows (`padded_m` a multiple of `lanes`): `rows_product` (a requantize.ProductEpilogue
-    over accT, channels along its rows, pitch `padded_m`, storing int32 with the result's clamp)
-    requantizes accT in place, one channel per vector — the orientation in which `fast_requant`'s paired
-    sequence applies — and the transposed vectors are then only narrowed to `dtype` and stored."""
-    lanes, mp = spec.lanes, spec.padded_m
+def integer_row_epilogue(spec: SparseSpec, row_product, dtype, n: int):
+    """(row_epilogue, epilogue) for `emit_sparse_linear` when int8 results need no residual and whole
+    vectors tile accT's rows (`padded_m` a multiple of `lanes`): `row_product` (a requantize.ProductEpilogue
+    over accT, channels along its rows, pitch `padded_m`, storing `dtype` when `spec.narrow` (8 bits), else
+    int32 with the result's clamp) requantizes each row's accumulators while they are in registers, one
+    channel per vector — the orientation in which `fast_requant`'s paired sequence applies — and the
+    transposed vectors are then only narrowed to `dtype` where they are not yet, and stored."""
     i64 = lambda value: ir.Constant(I64, value)  # noqa: E731
 
-    def in_rows(builder: ir.IRBuilder, args: list, acc_t: ir.Value, n0: ir.Value, n1: ir.Value) -> None:
-        pointers = [builder.bitcast(acc_t, I8.as_pointer()), i64(0)]
-
-        def row(b: ir.IRBuilder, i: ir.Value, _) -> None:
-            channel = b.add(n0, i)
-
-            def vector(b2: ir.IRBuilder, v: ir.Value, _) -> None:
-                col = b2.mul(v, i64(lanes))
-                acc = ll.load_vector(b2, acc_t, b2.add(b2.mul(channel, i64(mp)), col), lanes)
-                rows_product.emit(b2, [[acc]], channel, col, lanes, pointers)
-
-            ll.counted_loop(b, i64(mp // lanes), "rq", body=vector)
-
-        ll.counted_loop(builder, builder.sub(n1, n0), "rr", body=row)
+    def row_epilogue(builder: ir.IRBuilder, acc: ir.Value, channel: ir.Value, m: ir.Value, acc_t: ir.Value) -> None:
+        row_product.emit(builder, [[acc]], channel, m, spec.lanes, [builder.bitcast(acc_t, I8.as_pointer()), i64(0)])
 
     def store(builder: ir.IRBuilder, args: list, acc: ir.Value, m: ir.Value, n0: ir.Value, valid: int) -> None:
         element = ll.element_type(dtype)
         out = builder.gep(builder.bitcast(args[-2], element.as_pointer()), [builder.add(builder.mul(m, i64(n)), n0)])
-        value = builder.trunc(acc, ll.vector(element, lanes)) if element.width < 32 else acc
+        value = builder.trunc(acc, ll.vector(element, acc.type.count)) if acc.type.element.width > element.width else acc
         ll.store_partial(builder, value, out, valid)
 
-    return in_rows, store
+    return row_epilogue, store
 
 
 def float_epilogue(epilogue: FloatEpilogue, n: int):

@@ -35,7 +35,7 @@ from lowbit.backends.native.lowering import LowerContext
 from lowbit.ir import DType, Graph, Node, TensorType, constant_value
 from lowbit.kernels.gemm_f32 import Epilogue
 from lowbit.kernels.sparse import (MAX_PAIR_ROWS, SparseSpec, emit_sparse_linear, fit_block, float_epilogue,
-                                   integer_epilogue, integer_rows_epilogue, pack_paired, pack_sparse, paired_counts)
+                                   integer_epilogue, integer_row_epilogue, pack_paired, pack_sparse, paired_counts)
 from lowbit.kernels.sparse_gemv import Windows, emit_sparse_gemv, pack_windows, prepared_bytes
 
 KINDS = ("int8", "int8-pairs", "f32")
@@ -268,6 +268,11 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
         return False
     spec, data, one_row_kernel, scratch = chosen
     lanes = spec.lanes
+    # (optimising for size: one epilogue in place of the one in the rows' loop and the narrowing one)
+    in_registers = not one_row_kernel and residual is None and spec.padded_m % lanes == 0 and ctx.optimize != "size"
+    if in_registers and requant.dtype.bits == 8:
+        spec = dataclasses.replace(spec, narrow=True)
+        scratch = spec.scratch_bytes
     shift = x.quant.zero_point[0] + spec.shift
     offsets = tuple(np.asarray(bias - shift * centred.astype(np.int64).sum(axis=1), np.int64)
                     .astype(np.int32).tolist())
@@ -277,13 +282,12 @@ def lower_sparse_qlinear(ctx: LowerContext, node: Node, centred: np.ndarray, bia
         if one_row_kernel:
             product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
             return emit_sparse_gemv(module, name, spec, integer_epilogue(product), 4 + len(extra))
-        # (optimising for size: one epilogue in place of the two passes, less code)
-        if residual is None and spec.padded_m % lanes == 0 and ctx.optimize != "size":
-            in_accumulators = PairedEpilogue(module, f"{name}.rows", lanes, spec.padded_m, "row",
-                                             dataclasses.replace(requant, dtype=DType.i32), Corrections(offsets),
-                                             None, bound)
-            in_rows, store = integer_rows_epilogue(spec, in_accumulators, requant.dtype, n)
-            return emit_sparse_linear(module, name, spec, store, 4, in_rows)
+        if in_registers:
+            stored = requant if spec.narrow else dataclasses.replace(requant, dtype=DType.i32)
+            row_product = PairedEpilogue(module, f"{name}.rows", lanes, spec.padded_m, "row", stored,
+                                         Corrections(offsets), None, bound)
+            row_epilogue, store = integer_row_epilogue(spec, row_product, requant.dtype, n)
+            return emit_sparse_linear(module, name, spec, store, 4, row_epilogue)
         product = ProductEpilogue(module, name, lanes, n, "col", requant, Corrections(offsets), residual)
         return emit_sparse_linear(module, name, spec, integer_epilogue(product), 4 + len(extra))
 
