@@ -220,6 +220,23 @@ def test_pairs_route_splits_m_into_passes_whose_xt_fits_l1(rows) -> None:
                 np.testing.assert_array_equal(model.run(feeds)["y"], want)
 
 
+@pytest.mark.parametrize("out, narrow", [(DType.i8, True), (DType.u8, True), (DType.i32, False)])
+def test_rows_are_requantized_in_registers_and_8_bit_results_transposed_as_bytes(out, narrow, monkeypatch) -> None:
+    """Without a residual, each row's accumulators are requantized before they leave the registers; 8-bit
+    results then go through a byte accT (16 × 16 tiles transposed back), int32 ones through int32."""
+    specs = []
+    chosen = sparse_selection.integer_row_epilogue
+    monkeypatch.setattr(sparse_selection, "integer_row_epilogue",
+                        lambda spec, *args: specs.append(spec) or chosen(spec, *args))
+    rng = np.random.default_rng(5)
+    for rows, n in ((48, 64), (40, 37)):  # (whole tiles; then m and n short of a tile)
+        graph, feeds = qlinear_graph(rng, rows, 96, n, (1, 1), 0.9, DType.u8, True, False, out)
+        model = lowbit.compile(graph, "host")
+        np.testing.assert_array_equal(model.run(feeds)["y"], lowbit.run_reference(graph, feeds)["y"])
+    assert [spec.narrow for spec in specs] == [narrow, narrow]
+    assert all(spec.row_unit % spec.tile == 0 for spec in specs)
+
+
 def test_avx2_kernel_multiplies_int16_pairs() -> None:
     from lowbit.backends.native.compiler import Program
     from lowbit.backends.native.target import Target
