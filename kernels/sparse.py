@@ -518,8 +518,9 @@ def _block_row(builder: ir.IRBuilder, spec: SparseSpec, packed: ir.Value, xt: ir
     width = spec.width
     count = r * vectors
     # FMAs / dot products into few accumulators wait on each other: rotate several sets so that each set is
-    # updated every `chains` blocks (their sum at the end)
-    chains = max(1, IN_FLIGHT // count)
+    # updated every `chains` blocks (their sum at the end). The pairs route adds its products in a separate
+    # one-cycle addition: one set.
+    chains = 1 if spec.route == "pairs" else max(1, IN_FLIGHT // count)
     zero = [ir.Constant(ll.vector(spec.x_element, width), None)] * (count * chains)
     if spec.aligned_at:
         carried = _paired_row(builder, spec, packed, xt, row_block, vectors, zero, count)
