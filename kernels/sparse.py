@@ -49,10 +49,11 @@ MAX_STEP = 255  # the widest column step one byte encodes
 ACCUMULATORS = 8  # accumulator vectors per register tile (r · V)
 IN_FLIGHT = 12  # independent accumulator vectors a block row keeps busy (hides FMA / vpdpbusd latency)
 UNROLL = 4  # stored blocks an iteration of the block row loop (about 5% on AVX2 at 90%)
-# The pairs route on x86 splits M into passes over the rows when a pass's columns of xT then fit L1 (PASS_BYTES)
-# with at least PASS_VECTORS accumulator vectors; its groups of rows then keep accT within GROUP_BYTES (L2).
-# On AVX2 at 512 × 512 × 64, 90%: two passes of 4 vectors took 69 µs against 74 for one of 8 (Emerald
-# Rapids, quiet); 2 vectors, or any split for the other routes (lighter work per vector), were slower.
+# The pairs route on x86 takes M in passes of PASS_VECTORS accumulator vectors where one pass would read
+# more than PASS_BYTES (L1) of xT; its groups of rows then keep accT within GROUP_BYTES (L2). AVX2, 512 ×
+# K × 64, 90% (Emerald Rapids, quiet): K = 512, 61.5 µs against 68 for one pass of 8 (2 vectors: 68.5);
+# K = 1024, 128 against 147; K = 2048, 300 against 323 (2 vectors: 293). Any split of the other routes
+# (less work per vector) was slower.
 PASS_BYTES = 32 << 10
 PASS_VECTORS = 4
 GROUP_BYTES = 128 << 10
@@ -249,10 +250,11 @@ class SparseSpec:
     @property
     def vectors(self) -> int:
         """Accumulator vectors along M per block row in one pass over the rows: as many as ACCUMULATORS allows;
-        for the pairs route fewer where that keeps a pass's columns of xT in L1 (see PASS_BYTES)."""
+        for the pairs route on x86 no more than PASS_VECTORS where a pass would read more than PASS_BYTES."""
         most = max(1, min(self.padded_m // self.width, ACCUMULATORS // self.block[0]))
-        fitting = PASS_BYTES // (self.xt_rows * self.width * 4)
-        return fitting if self.route == "pairs" and self.x86 and PASS_VECTORS <= fitting < most else most
+        if self.route == "pairs" and self.x86 and self.xt_rows * most * self.width * 4 > PASS_BYTES:
+            return min(most, PASS_VECTORS)
+        return most
 
     @property
     def chunk(self) -> int:

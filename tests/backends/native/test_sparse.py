@@ -208,6 +208,7 @@ def test_pairs_route_splits_m_into_passes_whose_xt_fits_l1(rows) -> None:
     spec = sparse_selection.integer_spec(avx2, rows, 512, 96, False)
     assert (spec.vectors, spec.passes) == (4, -(-rows // 32)) and spec.row_group > spec.row_unit
     assert sparse_selection.integer_spec(avx2, rows, 64, 96, False).vectors == (5 if rows == 40 else 8)
+    assert sparse_selection.integer_spec(avx2, rows, 2048, 96, False).vectors == 4  # (passes past L1 too)
     rng = np.random.default_rng(rows)
     for residual in (False, True):
         graph, feeds = qlinear_graph(rng, rows, 512, 96, (1, 1), 0.9, DType.u8, True, residual, DType.i8)
