@@ -19,12 +19,14 @@ Mp = M rounded up to the vector width. Each stored weight then multiplies contig
 with the weight broadcast, or for int8 one dot product with a broadcast int32 of a group of weights: a whole
 group when c is a multiple of it (1×4 packing of an unstructured matrix stores the zeros beside a weight),
 else the block's weights shifted to their place in their group.
-Per block row and chunk of M, r × V accumulator vectors (several sets in rotation, to hide the latency)
-stay in registers over the row's blocks. xT is stored chunk by chunk (`xt_index`), and a group of output
-rows (`row_group`) takes one chunk at a time (a pass over the group's rows): the AVX2 pairs route narrows
-its chunks so that one chunk's xT stays in L1 (`PASS_BYTES`). The group's accumulators go to accT
-(scratch, so it stays in L1 or L2) and are finished at once: accT tiles transposed back to rows of y and the
-dense qlinear's requantization (`kernels.requantize.ProductEpilogue`, the bias as per-channel offsets) or
+Per block row and chunk of M, r × V accumulator vectors (for FMAs and 4-byte dot products several sets
+in rotation, to hide their latency) stay in registers over the row's blocks. xT is stored chunk by chunk
+(`xt_index`), and a group of output rows (`row_group`) takes one chunk at a time (a pass over the group's
+rows): the AVX2 pairs route narrows its chunks where one would read more than `PASS_BYTES` (L1). Each
+row's finished accumulators go to accT (scratch, in L1 or L2): for qlinear without a residual requantized
+first, in registers (`integer_row_epilogue`; 8-bit results as bytes, `spec.narrow`), else as they are.
+A group's accT is then transposed back to rows of y in tiles (`_finish`), with the rest of the dense
+qlinear's requantization (`kernels.requantize.ProductEpilogue`, the bias as per-channel offsets) or
 gemm_f32's bias/residual/activation (`gemm_f32.finish`). Integer sums wrap in int32 like the dense
 kernels' (the caller checks the bound of the exact result). Threads (`kernels.parallel`) share units of
 `row_unit` rows, each thread's taken in groups; each transposes x into its own scratch.
@@ -737,7 +739,8 @@ def integer_row_epilogue(spec: SparseSpec, row_product, dtype, n: int):
     def store(builder: ir.IRBuilder, args: list, acc: ir.Value, m: ir.Value, n0: ir.Value, valid: int) -> None:
         element = ll.element_type(dtype)
         out = builder.gep(builder.bitcast(args[-2], element.as_pointer()), [builder.add(builder.mul(m, i64(n)), n0)])
-        value = builder.trunc(acc, ll.vector(element, acc.type.count)) if acc.type.element.width > element.width else acc
+        narrower = acc.type.element.width > element.width
+        value = builder.trunc(acc, ll.vector(element, acc.type.count)) if narrower else acc
         ll.store_partial(builder, value, out, valid)
 
     return row_epilogue, store
