@@ -659,7 +659,7 @@ def emit_sparse_linear(module: ir.Module, name: str, spec: SparseSpec, epilogue,
 
             def over_rows(b2: ir.IRBuilder, m0: ir.Value, vectors: int) -> None:
                 """One pass: the group's rows × the columns from m0."""
-                xt_pass = b2.gep(xt, [b2.mul(b2.udiv(m0, i64(chunk)), i64(spec.xt_rows * chunk))])
+                xt_pass = b2.gep(xt, [xt_index(b2, spec, i64(0), m0)])  # (m0: a pass's first column)
                 ll.counted_loop(b2, b2.udiv(b2.sub(n1, n0), i64(r)), "br", body=lambda b3, j, _: _block_row(
                     b3, spec, packed, xt_pass, store_row, b3.add(b3.udiv(n0, i64(r)), j), m0, vectors))
 
